@@ -1,0 +1,42 @@
+"""fastsample: few-step samplers, learned solvers and gradients through sampling, in JAX.
+
+The public API is re-exported here; everything else is private.
+"""
+
+from . import models, processes, solvers, timesteps
+from .denoisers import Denoiser, Thresholding, convert_prediction
+from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
+from .sample import SampleInfo, prior, reference_solve, sample
+from .solvers import SOLVERS, AbstractFastSolver, available_solvers, get_solver
+from .terms import ProbabilityFlowTerm
+from .timesteps import available_schedules, get_timesteps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractFastSolver",
+    "AbstractProcess",
+    "Denoiser",
+    "EDM",
+    "FlowMatching",
+    "ProbabilityFlowTerm",
+    "SOLVERS",
+    "SampleInfo",
+    "Thresholding",
+    "VE",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "available_schedules",
+    "available_solvers",
+    "convert_prediction",
+    "get_solver",
+    "get_timesteps",
+    "models",
+    "prior",
+    "processes",
+    "reference_solve",
+    "sample",
+    "solvers",
+    "timesteps",
+]

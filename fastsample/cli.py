@@ -1,0 +1,120 @@
+"""The ``fastsample`` command line.
+
+    fastsample run CONFIG [key=value ...]      run an experiment, write a results folder
+    fastsample sample CONFIG [key=value ...] --out FILE.npy
+                                               draw samples with the config's first solver and NFE
+    fastsample solvers | schedules             list what is available
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_to_dict, load_config
+
+__all__ = ["main"]
+
+
+def _find_experiment(name: str, config_path: Path) -> Path:
+    """``experiments/NAME.py`` next to the config's project, in the working directory, or in the
+    source checkout fastsample was installed from."""
+    roots = [config_path.resolve().parent.parent, Path.cwd(), Path(__file__).resolve().parents[1]]
+    for root in roots:
+        candidate = root / "experiments" / f"{name}.py"
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(r / "experiments") for r in roots)
+    raise ConfigError(f"experiment {name!r} not found: no {name}.py in {searched}.")
+
+
+def _load_experiment(path: Path):
+    spec = importlib.util.spec_from_file_location(f"fastsample_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _precision(cfg):
+    """float64 runs enable x64 for their duration (restored afterwards, for in-process callers)."""
+    import jax
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def cmd_run(args) -> int:
+    from . import results
+
+    cfg = load_config(args.config, args.overrides)
+    experiment = _load_experiment(_find_experiment(cfg.experiment, Path(args.config)))
+    folder = results.new_results_dir(cfg.output_dir, cfg.name)
+    with _precision(cfg):
+        results.write_config(folder, config_to_dict(cfg))
+        (folder / "environment.json").write_text(json.dumps(results.environment(), indent=2))
+        rows = experiment.run(cfg, folder, progress=not args.quiet)
+    final = results.finalize(folder)
+    table = (final / "table.md").read_text() if (final / "table.md").exists() else results.markdown_table(rows)
+    print(table)
+    print(f"results: {final}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from . import prior, sample
+    from .config import build_model, build_process
+
+    cfg = load_config(args.config, args.overrides)
+    with _precision(cfg):
+        process = build_process(cfg.process)
+        model = build_model(cfg.model)
+        x_T = prior(process, jax.random.PRNGKey(cfg.seed), (cfg.num_samples, model.dim))
+        x = sample(model.denoiser(process), x_T, cfg.solvers[0], nfe=cfg.nfe[0], schedule=cfg.schedule,
+                   schedule_options=cfg.schedule_options)
+        np.save(args.out, np.asarray(x))
+    print(f"wrote {cfg.num_samples} samples ({cfg.solvers[0]}, NFE {cfg.nfe[0]}) to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastsample", description="Few-step sampling of diffusion and flow models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run an experiment config and write a results folder")
+    p_run.add_argument("config")
+    p_run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nfe=[5,10] model.seed=1")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_run.set_defaults(func=cmd_run)
+    p_sample = sub.add_parser("sample", help="draw samples with the config's first solver and NFE")
+    p_sample.add_argument("config")
+    p_sample.add_argument("overrides", nargs="*")
+    p_sample.add_argument("--out", default="samples.npy")
+    p_sample.set_defaults(func=cmd_sample)
+    sub.add_parser("solvers", help="list solver names").set_defaults(
+        func=lambda a: print("\n".join(__import__("fastsample").available_solvers())) or 0)
+    sub.add_parser("schedules", help="list schedule names").set_defaults(
+        func=lambda a: print("\n".join(__import__("fastsample").available_schedules())) or 0)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"fastsample: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"fastsample: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

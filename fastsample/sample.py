@@ -1,0 +1,190 @@
+"""Sampling drivers: the fixed-grid ``lax.scan`` sampler, the adaptive reference solve, the prior."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .denoisers import Denoiser
+from .processes import AbstractProcess
+from .solvers import AbstractFastSolver, get_solver
+from .terms import ProbabilityFlowTerm
+from .timesteps import get_timesteps
+
+__all__ = ["sample", "reference_solve", "prior", "SampleInfo", "resolve_grid"]
+
+
+class SampleInfo(NamedTuple):
+    """What a call of :func:`sample` did: model evaluations, steps and the time grid."""
+
+    nfe: int
+    steps: int
+    timesteps: jax.Array
+
+
+def prior(process: AbstractProcess, key, shape, dtype=None):
+    """Draw ``x_T ~ N(0, sigma(t_max)^2 I)``, the sampler's starting point."""
+    dtype = dtype or jnp.result_type(float)
+    return process.sigma(jnp.asarray(process.t_max, dtype)) * jax.random.normal(key, shape, dtype)
+
+
+def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, schedule, timesteps,
+                 final_zero: bool, schedule_options: dict | None):
+    """The time grid, step count and whether the grid ends at ``t = 0``, for a solver at a budget
+    of ``nfe`` model evaluations, or for explicit ``timesteps``."""
+    if timesteps is not None:
+        if isinstance(timesteps, jax.core.Tracer):
+            steps, ends_at_zero = timesteps.shape[0] - 1, bool(final_zero)
+        else:
+            process.check_times(timesteps, name="timesteps")
+            steps = int(np.shape(timesteps)[0]) - 1
+            ends_at_zero = bool(np.asarray(timesteps)[-1] == 0.0)
+        if steps < solver.min_steps():
+            raise ValueError(f"{solver.name} needs at least {solver.min_steps()} steps; got {steps}.")
+        used = solver.nfe(steps, ends_at_zero)
+        if nfe is not None and nfe != used:
+            raise ValueError(f"nfe={nfe} disagrees with the {steps}-step timesteps given ({used} NFE).")
+        return jnp.asarray(timesteps), steps, ends_at_zero
+    if nfe is None:
+        raise ValueError("give either `nfe` or explicit `timesteps`.")
+    options = dict(schedule_options or {})
+    # A range that already ends at t = 0 (flow matching's default t_min) needs no appended zero.
+    t_end = options.get("t_end", process.t_min)
+    ends_at_zero = bool(final_zero) or t_end == 0
+    steps = solver.steps_for_nfe(nfe, ends_at_zero)
+    ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
+    return ts, steps, ends_at_zero
+
+
+@eqx.filter_jit
+def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite):
+    state = solver.init_state(denoiser, ts[0], ts[1], x, cond)
+
+    def body(carry, i):
+        x, state = carry
+        x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
+        out = (x1 if return_trajectory else None, jnp.all(jnp.isfinite(x1)) if check_finite else None)
+        return (x1, state), out
+
+    steps = ts.shape[0] - 1
+    (x_final, _), (traj, finite) = jax.lax.scan(body, (x, state), jnp.arange(steps))
+    if check_finite:
+        bad = ~finite
+        first = jnp.argmax(bad)
+        msgs = [f"sample: the state is not finite after step {i} (a step from ts[{i}] to ts[{i + 1}])"
+                for i in range(steps)]
+        x_final = eqx.branched_error_if(x_final, jnp.any(bad), first, msgs)
+    if return_trajectory:
+        traj = jnp.concatenate([x[None], traj])
+    return x_final, traj
+
+
+def sample(
+    denoiser: Denoiser,
+    x_T,
+    solver: str | AbstractFastSolver = "ddim",
+    nfe: int | None = 10,
+    schedule: str = "logsnr_uniform",
+    *,
+    timesteps=None,
+    final_zero: bool = False,
+    cond: Any = None,
+    key=None,
+    solver_options: dict | None = None,
+    schedule_options: dict | None = None,
+    return_trajectory: bool = False,
+    return_info: bool = False,
+    check_finite: bool = False,
+):
+    """Sample by integrating from ``t_max`` to ``t_min`` (or ``0``) on a fixed grid.
+
+    Arguments:
+        denoiser: the wrapped model.
+        x_T: the starting noise (see :func:`prior`).
+        solver: a registry name (``fastsample.available_solvers()``) or a solver instance.
+        nfe: the budget of model evaluations; the solver turns it into a step count (a
+            ``ValueError`` says when it cannot use exactly this many).
+        schedule: a schedule name (``fastsample.timesteps.available_schedules()``).
+        timesteps: an explicit decreasing time grid instead of ``nfe``/``schedule`` (pass
+            ``nfe=None``); its values are traced, so new values do not recompile.
+        final_zero: end the grid at ``t = 0`` (the last step lands on the data prediction).
+        cond: conditioning passed to the model.
+        key: PRNG key for stochastic solvers (unused by deterministic ones).
+        return_trajectory: also return every state, shape ``(steps + 1, *x_T.shape)``.
+        return_info: also return a :class:`SampleInfo` (NFE used, steps, grid).
+        check_finite: raise an error naming the first step whose state is not finite.
+
+    Returns:
+        ``x_0``, followed by the trajectory and/or the info when asked for.
+    """
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
+    solver = get_solver(solver, **(solver_options or {}))
+    x_T = jnp.asarray(x_T)
+    ts, steps, ends_at_zero = resolve_grid(
+        solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
+    )
+    ts = ts.astype(x_T.dtype)
+    del key  # reserved for stochastic solvers
+    x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite)
+    out = (x,)
+    if return_trajectory:
+        out += (traj,)
+    if return_info:
+        out += (SampleInfo(solver.nfe(steps, ends_at_zero), steps, ts),)
+    return out[0] if len(out) == 1 else out
+
+
+def reference_solve(
+    denoiser: Denoiser,
+    x_T,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    cond: Any = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    solver: diffrax.AbstractSolver | None = None,
+    max_steps: int = 100_000,
+):
+    """Ground truth: an adaptive diffrax solve of the probability-flow ODE from ``t_start``
+    (default ``t_max``) to ``t_end`` (default ``t_min``; must have ``sigma > 0``).
+
+    Runs in ``x_T``'s dtype (use float64 for a reference) with ``Dopri8`` and a PID controller at
+    ``rtol = atol = 1e-10`` in float64 (``1e-6`` in float32). It integrates in the half log-SNR
+    when both ends have a finite one (smooth for every process, ``VPDiscrete``'s piecewise
+    schedule included), otherwise in ``t``.
+    """
+    process = denoiser.process
+    x_T = jnp.asarray(x_T)
+    t0 = process.t_max if t_start is None else t_start
+    t1 = process.t_min if t_end is None else t_end
+    if not t1 > 0 or not float(process.sigma(jnp.asarray(t1, x_T.dtype))) > 0:
+        raise ValueError(f"reference_solve needs t_end with sigma > 0; got t_end={t1}.")
+    process.check_times(np.array([t0, t1]), allow_zero=False, name="[t_start, t_end]")
+    lam0, lam1 = (float(process.log_snr(jnp.asarray(t, jnp.float64 if x_T.dtype == jnp.float64 else x_T.dtype)))
+                  for t in (t0, t1))
+    if np.isfinite(lam0) and np.isfinite(lam1):
+        term, tau0, tau1 = ProbabilityFlowTerm(denoiser, time="log_snr"), lam0, lam1
+    else:
+        term, tau0, tau1 = ProbabilityFlowTerm(denoiser), t0, t1
+    tight = 1e-10 if x_T.dtype == jnp.float64 else 1e-6
+    return _reference(
+        term, x_T, jnp.asarray(tau0, x_T.dtype), jnp.asarray(tau1, x_T.dtype), cond,
+        rtol or tight, atol or tight, solver or diffrax.Dopri8(), max_steps,
+    )
+
+
+@eqx.filter_jit
+def _reference(term, x_T, t0, t1, cond, rtol, atol, solver, max_steps):
+    sol = diffrax.diffeqsolve(
+        term, solver, t0, t1, dt0=None, y0=x_T, args=cond,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
+    )
+    return sol.ys[0]

@@ -1,0 +1,79 @@
+"""The solver contract shared by every fastsample solver.
+
+A solver is a ``diffrax.AbstractSolver`` (so ``diffrax.diffeqsolve`` with ``StepTo`` runs it) whose
+work happens in :meth:`AbstractFastSolver.update`, which the ``lax.scan`` driver in
+``fastsample.sample`` calls directly. ``update`` receives the denoiser, so exponential
+integrators use data/noise predictions rather than the ODE drift. Step counts are static;
+grid values, guidance and learned coefficients are traced.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import diffrax
+
+from ..terms import ProbabilityFlowTerm, unwrap_term
+
+__all__ = ["AbstractFastSolver"]
+
+
+class AbstractFastSolver(diffrax.AbstractSolver):
+    """Base class: subclasses set ``name`` and implement :meth:`update` (and :meth:`init_state`
+    when they carry history)."""
+
+    name: ClassVar[str]
+    term_structure: ClassVar = ProbabilityFlowTerm
+    interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
+    #: model evaluations per step
+    nfe_per_step: ClassVar[int] = 1
+
+    # ----- the fastsample contract -----------------------------------------------------------
+    def init_state(self, denoiser, t0, t1, x, cond) -> Any:
+        """Solver state before the first step (history buffers for multistep solvers)."""
+        return None
+
+    @abc.abstractmethod
+    def update(self, denoiser, t0, t1, x, cond, state):
+        """One step from ``t0`` to ``t1`` (``t1 < t0``; ``t1 = 0`` means clean data).
+        Returns ``(x1, state)``."""
+
+    def nfe(self, num_steps: int, final_zero: bool = False) -> int:
+        """Model evaluations used by ``num_steps`` steps (``final_zero``: the grid ends at ``t = 0``)."""
+        return self.nfe_per_step * num_steps
+
+    def min_steps(self) -> int:
+        return 1
+
+    def steps_for_nfe(self, nfe: int, final_zero: bool = False) -> int:
+        """The number of steps that uses exactly ``nfe`` model evaluations, or a ``ValueError``."""
+        if not isinstance(nfe, int) or isinstance(nfe, bool):
+            raise ValueError(f"nfe must be a positive integer; got {nfe!r}.")
+        lowest = self.nfe(self.min_steps(), final_zero)
+        if nfe < lowest:
+            raise ValueError(f"nfe={nfe} is below {self.name}'s minimum of {lowest}.")
+        for n in range(self.min_steps(), nfe + 1):
+            if self.nfe(n, final_zero) == nfe:
+                return n
+        reachable = [self.nfe(n, final_zero) for n in range(self.min_steps(), self.min_steps() + 6)]
+        end = " with a final step to sigma=0" if final_zero else ""
+        raise ValueError(
+            f"{self.name} cannot use exactly nfe={nfe}{end}; reachable NFE: {reachable}, ...",
+        )
+
+    # ----- diffrax's contract ----------------------------------------------------------------
+    def order(self, terms):
+        return getattr(self, "_order", None)
+
+    def init(self, terms, t0, t1, y0, args):
+        term, t0, t1 = unwrap_term(terms, t0, t1)
+        return self.init_state(term.denoiser, t0, t1, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        term, t0, t1 = unwrap_term(terms, t0, t1)
+        y1, solver_state = self.update(term.denoiser, t0, t1, y0, args, solver_state)
+        return y1, None, dict(y0=y0, y1=y1), solver_state, diffrax.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
