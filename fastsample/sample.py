@@ -63,7 +63,7 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
 
 @eqx.filter_jit
 def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite):
-    state = solver.init_state(denoiser, ts[0], ts[1], x, cond)
+    state = solver.init_state(denoiser, x, cond, ts[-1], ts.shape[0] - 1)
 
     def body(carry, i):
         x, state = carry

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+
 from .base import AbstractFastSolver
+from .dpm_solver import DPMSolverMultistep, DPMSolverSinglestep
 from .exponential import DDIM
 from .runge_kutta import Euler, Heun
 
-SOLVERS: dict[str, type[AbstractFastSolver]] = {cls.name: cls for cls in (Euler, Heun, DDIM)}
+_p = functools.partial
+
+#: registry name -> constructor (keyword options are passed through)
+SOLVERS = {
+    "euler": Euler,
+    "heun": Heun,
+    "ddim": DDIM,
+    "dpm_solver_1": _p(DPMSolverSinglestep, order=1, prediction="eps"),
+    "dpm_solver_2": _p(DPMSolverSinglestep, order=2, prediction="eps"),
+    "dpm_solver_3": _p(DPMSolverSinglestep, order=3, prediction="eps"),
+    "dpmpp_2s": _p(DPMSolverSinglestep, order=2, prediction="x0"),
+    "dpmpp_3s": _p(DPMSolverSinglestep, order=3, prediction="x0"),
+    "dpm_solver_2m": _p(DPMSolverMultistep, order=2, prediction="eps"),
+    "dpm_solver_3m": _p(DPMSolverMultistep, order=3, prediction="eps"),
+    "dpmpp_2m": _p(DPMSolverMultistep, order=2, prediction="x0"),
+    "dpmpp_3m": _p(DPMSolverMultistep, order=3, prediction="x0"),
+}
 
 
 def available_solvers() -> list[str]:
@@ -27,4 +46,14 @@ def get_solver(solver, **options) -> AbstractFastSolver:
         raise ValueError(f"bad options for solver {solver!r}: {options} ({e}).") from None
 
 
-__all__ = ["AbstractFastSolver", "DDIM", "Euler", "Heun", "SOLVERS", "available_solvers", "get_solver"]
+__all__ = [
+    "AbstractFastSolver",
+    "DDIM",
+    "DPMSolverMultistep",
+    "DPMSolverSinglestep",
+    "Euler",
+    "Heun",
+    "SOLVERS",
+    "available_solvers",
+    "get_solver",
+]

@@ -30,8 +30,12 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     nfe_per_step: ClassVar[int] = 1
 
     # ----- the fastsample contract -----------------------------------------------------------
-    def init_state(self, denoiser, t0, t1, x, cond) -> Any:
-        """Solver state before the first step (history buffers for multistep solvers)."""
+    def init_state(self, denoiser, x, cond, t_end, num_steps: int | None) -> Any:
+        """Solver state before the first step (history buffers for multistep solvers).
+
+        ``t_end`` is the last time of the grid; ``num_steps`` the static number of steps, or
+        ``None`` when unknown (under ``diffeqsolve``, where only the last step can be recognised,
+        by ``t1 == t_end``)."""
         return None
 
     @abc.abstractmethod
@@ -63,12 +67,14 @@ class AbstractFastSolver(diffrax.AbstractSolver):
         )
 
     # ----- diffrax's contract ----------------------------------------------------------------
-    def order(self, terms):
-        return getattr(self, "_order", None)
+    def error_order(self, terms):
+        # Fixed-step methods carry no error estimate. (Multistep solvers use ``order`` as a field,
+        # which shadows diffrax's ``order(terms)`` method, so this must not call it.)
+        return None
 
     def init(self, terms, t0, t1, y0, args):
         term, t0, t1 = unwrap_term(terms, t0, t1)
-        return self.init_state(term.denoiser, t0, t1, y0, args)
+        return self.init_state(term.denoiser, y0, args, t1, None)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         term, t0, t1 = unwrap_term(terms, t0, t1)

@@ -1,44 +1,211 @@
-"""Shared machinery of exponential integrators (DDIM, DPM-Solver, DEIS, UniPC, ...).
+"""Shared machinery of exponential integrators (DDIM, DPM-Solver, DPM-Solver++, DEIS, UniPC, ...).
 
-Coefficients are written with ``alpha``, ``sigma`` and ``expm1`` of the log-SNR step ``h``, so a
-first point with ``alpha = 0`` (flow matching at ``t = 1``, ``h = +inf``) or a last point with
-``sigma = 0`` (``h = +inf``) gives finite results without special cases.
+The semi-linear PF-ODE is solved exactly in its linear part. With data prediction
+(``x0``) the state scales with ``sigma`` and the prediction enters with weight ``alpha``; with
+noise prediction (``eps``) the roles swap. One set of formulas covers both, written in
+"prediction variables" (Lu et al., DPM-Solver 2022 and DPM-Solver++ 2022):
+
+    x0 prediction:  kappa = sigma, beta = alpha, ell = lambda
+    eps prediction: kappa = alpha, beta = sigma, ell = -lambda
+
+and a first-order step reads ``x1 = (kappa1 / kappa0) x - beta1 expm1(-h) m`` with
+``h = ell1 - ell0``. Higher orders add finite differences of earlier predictions ``m`` weighted by
+the phi-functions :func:`phi`, which have a series branch for small arguments.
+
+First-order steps always use the data-prediction form, whose coefficients stay finite when
+the first point has ``alpha = 0`` (flow matching at ``t = 1``) or the last has ``sigma = 0``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, NamedTuple
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from .base import AbstractFastSolver
 
-__all__ = ["DDIM", "StepCoefficients", "step_coefficients"]
+__all__ = [
+    "DDIM",
+    "ddim_step",
+    "phi",
+    "PredictionStep",
+    "prediction_step",
+    "History",
+    "AbstractMultistepSolver",
+]
+
+_SERIES_TERMS = 24
 
 
-class StepCoefficients(NamedTuple):
-    alpha0: jnp.ndarray
-    sigma0: jnp.ndarray
-    alpha1: jnp.ndarray
-    sigma1: jnp.ndarray
-    h: jnp.ndarray  # lambda(t1) - lambda(t0) > 0
+def phi(k: int, z):
+    """``phi_k(z) = sum_j z^j / (j + k)!`` (``phi_0 = exp``, ``phi_1 = expm1(z)/z``, and
+    ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``), accurate for every ``z`` including ``z -> 0``."""
+    z = jnp.asarray(z)
+    if k == 0:
+        return jnp.exp(z)
+    small = jnp.abs(z) < 1.0
+    zs = jnp.where(small, z, 0.0)
+    series = jnp.zeros_like(zs)
+    for j in reversed(range(_SERIES_TERMS)):  # Horner's rule
+        series = series * zs + 1.0 / math.factorial(j + k)
+    zd = jnp.where(small, 1.0, z)
+    direct = jnp.expm1(zd) / zd
+    for i in range(1, k):
+        direct = (direct - 1.0 / math.factorial(i)) / zd
+    return jnp.where(small, series, direct)
 
 
-def step_coefficients(process, t0, t1) -> StepCoefficients:
-    a0, s0 = process.alpha_sigma(t0)
+def ddim_step(process, t0, t1, x, x0_hat):
+    """First-order exponential step with data prediction (DDIM, DPM-Solver++(1)):
+    ``x1 = (sigma1 / sigma0) x - alpha1 expm1(-h) x0_hat``. Finite when ``alpha0 = 0`` or
+    ``sigma1 = 0`` (``h = +inf``)."""
     a1, s1 = process.alpha_sigma(t1)
-    return StepCoefficients(a0, s0, a1, s1, process.log_snr(t1) - process.log_snr(t0))
+    s0 = process.sigma(t0)
+    h = process.log_snr(t1) - process.log_snr(t0)
+    return (s1 / s0) * x - a1 * jnp.expm1(-h) * x0_hat
+
+
+class PredictionStep(NamedTuple):
+    """Scalars of one step in prediction variables (see the module docstring)."""
+
+    kappa0: jax.Array
+    kappa1: jax.Array
+    beta1: jax.Array
+    h: jax.Array  # ell1 - ell0
+    ell0: jax.Array
+    ell1: jax.Array
+
+
+def prediction_variables(process, t, prediction: str):
+    """``(kappa, beta, ell)`` of ``process`` at ``t`` for ``prediction`` in ``x0`` / ``eps``."""
+    a, s = process.alpha_sigma(t)
+    lam = process.log_snr(t)
+    return (s, a, lam) if prediction == "x0" else (a, s, -lam)
+
+
+def prediction_step(process, t0, t1, prediction: str) -> PredictionStep:
+    k0, _, l0 = prediction_variables(process, t0, prediction)
+    k1, b1, l1 = prediction_variables(process, t1, prediction)
+    return PredictionStep(k0, k1, b1, l1 - l0, l0, l1)
+
+
+def ell_to_time(process, ell, prediction: str):
+    return process.t_from_log_snr(ell if prediction == "x0" else -ell)
 
 
 class DDIM(AbstractFastSolver):
     """DDIM (Song, Meng, Ermon, Denoising Diffusion Implicit Models, 2021), the first-order
-    exponential integrator with data prediction (DPM-Solver++(1)):
-    ``x1 = (sigma1 / sigma0) x0 - alpha1 expm1(-h) x0_hat``. Exact for single-point data."""
+    exponential integrator: exact for single-point data on any grid, and the same update
+    whichever prediction the model makes (DPM-Solver-1 = DPM-Solver++(1) = DDIM)."""
 
     name: ClassVar[str] = "ddim"
-    _order: ClassVar[int] = 1
+
+    def order(self, terms):
+        return 1
 
     def update(self, denoiser, t0, t1, x, cond, state):
-        x0_hat = denoiser(x, t0, cond)
-        c = step_coefficients(denoiser.process, t0, t1)
-        return (c.sigma1 / c.sigma0) * x - c.alpha1 * jnp.expm1(-c.h) * x0_hat, state
+        return ddim_step(denoiser.process, t0, t1, x, denoiser(x, t0, cond)), state
+
+
+class History(NamedTuple):
+    """Fixed-shape multistep history, newest first."""
+
+    values: jax.Array  # (k, *x.shape) earlier model outputs (in the solver's prediction)
+    ells: jax.Array  # (k,) the ``ell`` at which each was produced
+    count: jax.Array  # number of valid entries
+    step: jax.Array  # index of the step about to be taken
+    num_steps: jax.Array  # total steps of the grid, -1 if unknown
+    t_end: jax.Array  # last time of the grid
+
+    def push(self, value, ell) -> History:
+        if self.values.shape[0] == 0:
+            return self._replace(step=self.step + 1)
+        values = jnp.concatenate([value[None], self.values[:-1]])
+        ells = jnp.concatenate([jnp.reshape(ell, (1,)), self.ells[:-1]])
+        k = self.values.shape[0]
+        return History(values, ells, jnp.minimum(self.count + 1, k), self.step + 1, self.num_steps, self.t_end)
+
+
+class AbstractMultistepSolver(AbstractFastSolver):
+    """Linear multistep exponential integrators: one model evaluation per step, earlier outputs
+    kept in a fixed-shape :class:`History`. Warm-up and lower-order-final steps select smaller
+    orders with ``jnp.where``, never with extra model evaluations.
+
+    ``lower_order_final`` (default on) lowers the order of the last steps of grids shorter than
+    15 steps so that step ``i`` of ``n`` uses at most order ``n - i`` (DPM-Solver++'s and
+    diffusers' rule); a step that ends at ``sigma = 0`` always uses order 1. Under
+    ``diffeqsolve`` the number of steps is unknown and only the ``sigma = 0`` rule applies.
+
+    Subclasses implement :meth:`advance`, which combines the newest output with the history.
+    """
+
+    order: int = eqx.field(static=True, default=2)
+    prediction: str = eqx.field(static=True, default="x0")
+    lower_order_final: bool = eqx.field(static=True, default=True)
+
+    max_order: ClassVar[int] = 3
+
+    def __check_init__(self):
+        if not 1 <= self.order <= self.max_order:
+            raise ValueError(f"{type(self).__name__} order must be in 1..{self.max_order}; got {self.order}.")
+        if self.prediction not in ("x0", "eps"):
+            raise ValueError(f"prediction must be 'x0' or 'eps'; got {self.prediction!r}.")
+
+    @property
+    def history_size(self) -> int:
+        return self.order - 1
+
+    def init_state(self, denoiser, x, cond, t_end, num_steps):
+        k = self.history_size
+        dtype = x.dtype
+        return History(
+            jnp.zeros((k,) + x.shape, dtype), jnp.zeros((k,), dtype), jnp.asarray(0, jnp.int32),
+            jnp.asarray(0, jnp.int32), jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32),
+            jnp.asarray(t_end, dtype),
+        )
+
+    def step_order(self, state: History, t1):
+        """The order used by the coming step (traced): warm-up, lower-order-final, ``sigma = 0``."""
+        order = jnp.minimum(self.order, state.count + 1)
+        if self.lower_order_final:
+            remaining = state.num_steps - state.step
+            short = (state.num_steps >= 0) & (state.num_steps < 15)
+            order = jnp.where(short, jnp.minimum(order, remaining), order)
+        return jnp.where(t1 == 0, 1, order)
+
+    def evaluate(self, denoiser, t0, x, cond):
+        """The model output this solver works with (one NFE)."""
+        return denoiser.predict(x, t0, cond, target=self.prediction)
+
+    def update(self, denoiser, t0, t1, x, cond, state):
+        return self.advance(denoiser.process, t0, t1, x, self.evaluate(denoiser, t0, x, cond), state)
+
+    def advance(self, process, t0, t1, x, m, state):
+        """Step from ``t0`` to ``t1`` given the newest output ``m``; returns ``(x1, state)``."""
+        order = self.step_order(state, t1)
+        c = prediction_step(process, t0, t1, self.prediction)
+        weights = self.weights(c._replace(h=safe_step(c, t1)), state, order)
+        values = jnp.concatenate([m[None], state.values]) if self.history_size else m[None]
+        x_high = (c.kappa1 / c.kappa0) * x + c.beta1 * jnp.tensordot(weights.astype(x.dtype), values, axes=1)
+        x0_hat = m if self.prediction == "x0" else _x0_from_eps(process, t0, x, m)
+        x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, x0_hat), x_high)
+        return x1, state.push(m, c.ell0)
+
+    def weights(self, c: PredictionStep, state: History, order):
+        """Weights ``b`` of ``x1 = (kappa1/kappa0) x + beta1 sum_j b_j m_j`` (``m_0`` newest) for
+        the traced ``order``, shape ``(history_size + 1,)``."""
+        raise NotImplementedError
+
+
+def _x0_from_eps(process, t, x, eps):
+    a, s = process.alpha_sigma(t)
+    return (x - s * eps) / a
+
+
+def safe_step(c: PredictionStep, t1):
+    """``h`` with the ``sigma = 0`` step (``h = inf``) replaced by 1, for the coefficients of
+    orders that are never selected there (keeps values and gradients finite)."""
+    return jnp.where((t1 == 0) | ~jnp.isfinite(c.h), 1.0, c.h)

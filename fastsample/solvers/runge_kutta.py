@@ -21,7 +21,9 @@ class Euler(AbstractFastSolver):
     k-diffusion's ``euler``; for ``FlowMatching`` the usual flow Euler step (both equal DDIM)."""
 
     name: ClassVar[str] = "euler"
-    _order: ClassVar[int] = 1
+
+    def order(self, terms):
+        return 1
 
     def update(self, denoiser, t0, t1, x, cond, state):
         return x + (t1 - t0) * _drift(denoiser, t0, x, cond), state
@@ -34,7 +36,9 @@ class Heun(AbstractFastSolver):
     the grid ends at sigma = 0."""
 
     name: ClassVar[str] = "heun"
-    _order: ClassVar[int] = 2
+
+    def order(self, terms):
+        return 2
     nfe_per_step: ClassVar[int] = 2
 
     def nfe(self, num_steps, final_zero=False):

@@ -1,0 +1,141 @@
+"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), multistep and singlestep.
+
+Lu, Zhou, Bao, Chen, Li, Zhu: DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model
+Sampling in Around 10 Steps (2022), and DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models (2022). Both share the machinery of ``exponential.py``: the two
+families differ only in the prediction variables.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .base import AbstractFastSolver
+from .exponential import (
+    AbstractMultistepSolver,
+    ddim_step,
+    ell_to_time,
+    phi,
+    prediction_step,
+    prediction_variables,
+)
+
+__all__ = ["DPMSolverMultistep", "DPMSolverSinglestep"]
+
+
+def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int):
+    """Weights of ``m_0, m_1, m_2`` (newest first) for orders 1-3 (DPM-Solver++ Algorithm 2 and
+    its third-order extension), selected by the traced ``order``; ``r_j`` are ratios of earlier
+    steps to ``h``."""
+    z = -h
+    e1 = jnp.expm1(z)  # expm1(-h)
+    e2 = h * phi(2, z)  # expm1(-h)/h + 1
+    e3 = z * phi(3, z)  # e2/h - 1/2
+    w1 = jnp.stack([-e1, 0.0 * e1, 0.0 * e1])
+    if midpoint:
+        w2 = jnp.stack([-e1 - 0.5 * e1 / r0, 0.5 * e1 / r0, 0.0 * e1])
+    else:
+        w2 = jnp.stack([-e1 + e2 / r0, -e2 / r0, 0.0 * e1])
+    d10 = jnp.stack([1.0 / r0, -1.0 / r0, 0.0 * r0])
+    d11 = jnp.stack([0.0 * r1, 1.0 / r1, -1.0 / r1])
+    d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+    d2 = (d10 - d11) / (r0 + r1)
+    w3 = jnp.stack([-e1, 0.0 * e1, 0.0 * e1]) + e2 * d1 - e3 * d2
+    w = jnp.where(order == 1, w1, jnp.where(order == 2, w2, w3))
+    return w[:size]
+
+
+class DPMSolverMultistep(AbstractMultistepSolver):
+    """Multistep DPM-Solver(++) of order 1-3: ``dpmpp_2m`` / ``dpmpp_3m`` (data prediction) and
+    ``dpm_solver_2m`` / ``dpm_solver_3m`` (noise prediction). ``solver_type`` ``midpoint`` (the
+    paper's DPM-Solver++(2M), diffusers' default) or ``heun`` (Taylor form) for order 2."""
+
+    solver_type: str = eqx.field(static=True, default="midpoint")
+
+    def __check_init__(self):
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun'; got {self.solver_type!r}.")
+
+    @property
+    def name(self) -> str:
+        return f"{'dpmpp' if self.prediction == 'x0' else 'dpm_solver'}_{self.order}m"
+
+    def weights(self, c, state, order):
+        ells = state.ells
+        r0 = (c.ell0 - ells[0]) / c.h if self.history_size >= 1 else jnp.ones_like(c.h)
+        r1 = (ells[0] - ells[1]) / c.h if self.history_size >= 2 else jnp.ones_like(c.h)
+        # unfilled history (warm-up) is never selected; keep its ratios finite
+        r0 = jnp.where(state.count >= 1, r0, 1.0)
+        r1 = jnp.where(state.count >= 2, r1, 1.0)
+        return _dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1)
+
+
+class DPMSolverSinglestep(AbstractFastSolver):
+    """Singlestep DPM-Solver-1/2/3 (noise prediction, intermediate points at ``r = 1/2`` for
+    order 2 and ``1/3, 2/3`` for order 3) and DPM-Solver++(2S/3S) (data prediction). Each step
+    costs ``order`` evaluations; a step that ends at ``sigma = 0`` is a DDIM step (one
+    evaluation), so ``n`` steps cost ``order n`` or ``order (n - 1) + 1``."""
+
+    order: int = eqx.field(static=True, default=2)
+    prediction: str = eqx.field(static=True, default="eps")
+
+    def __check_init__(self):
+        if not 1 <= self.order <= 3:
+            raise ValueError(f"DPMSolverSinglestep order must be 1, 2 or 3; got {self.order}.")
+        if self.prediction not in ("x0", "eps"):
+            raise ValueError(f"prediction must be 'x0' or 'eps'; got {self.prediction!r}.")
+
+    @property
+    def name(self) -> str:
+        return f"dpmpp_{self.order}s" if self.prediction == "x0" else f"dpm_solver_{self.order}"
+
+    def nfe(self, num_steps, final_zero=False):
+        return self.order * num_steps - ((self.order - 1) if final_zero else 0)
+
+    def update(self, denoiser, t0, t1, x, cond, state):
+        process = denoiser.process
+        m0 = denoiser.predict(x, t0, cond, target=self.prediction)
+        if self.order == 1:
+            return self._first_order(process, t0, t1, x, m0), state
+        return jax.lax.cond(
+            t1 == 0,
+            lambda: self._first_order(process, t0, t1, x, m0),
+            lambda: self._higher_order(denoiser, t0, t1, x, m0, cond),
+        ), state
+
+    def _first_order(self, process, t0, t1, x, m0):
+        if self.prediction == "x0":
+            return ddim_step(process, t0, t1, x, m0)
+        a0, s0 = process.alpha_sigma(t0)
+        return ddim_step(process, t0, t1, x, (x - s0 * m0) / a0)
+
+    def _higher_order(self, denoiser, t0, t1, x, m0, cond):
+        process, pred = denoiser.process, self.prediction
+        c = prediction_step(process, t0, t1, pred)
+        h = c.h
+
+        def point(r):
+            """x at the intermediate point ell0 + r h, from the first-order step."""
+            t = ell_to_time(process, c.ell0 + r * h, pred)
+            k, b, _ = prediction_variables(process, t, pred)
+            return t, k, b
+
+        e1 = jnp.expm1(-h)
+        if self.order == 2:
+            r1 = 0.5
+            ts1, k1, b1 = point(r1)
+            x1 = (k1 / c.kappa0) * x - b1 * jnp.expm1(-r1 * h) * m0
+            m1 = denoiser.predict(x1, ts1, cond, target=pred)
+            return (c.kappa1 / c.kappa0) * x - c.beta1 * e1 * m0 - (0.5 / r1) * c.beta1 * e1 * (m1 - m0)
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        ts1, k1, b1 = point(r1)
+        x1 = (k1 / c.kappa0) * x - b1 * jnp.expm1(-r1 * h) * m0
+        m1 = denoiser.predict(x1, ts1, cond, target=pred)
+        ts2, k2, b2 = point(r2)
+        x2 = ((k2 / c.kappa0) * x - b2 * jnp.expm1(-r2 * h) * m0
+              + b2 * (r2 / r1) * (r2 * h * phi(2, -r2 * h)) * (m1 - m0))
+        m2 = denoiser.predict(x2, ts2, cond, target=pred)
+        return (c.kappa1 / c.kappa0) * x - c.beta1 * e1 * m0 + (c.beta1 / r2) * (h * phi(2, -h)) * (m2 - m0)
+
