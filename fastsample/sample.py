@@ -61,6 +61,17 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
     return ts, steps, ends_at_zero
 
 
+def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> None:
+    """Refuse grids a solver cannot start on (see ``AbstractFastSolver.needs_finite_start``)."""
+    if solver.needs_finite_start and not isinstance(ts, jax.core.Tracer):
+        if not np.isfinite(float(process.log_snr(jnp.asarray(ts[0])))):
+            raise ValueError(
+                f"{solver.name} needs a grid that starts at a finite log-SNR (alpha > 0); ts[0]={float(ts[0])} "
+                f"is pure noise for {type(process).__name__}: start slightly below it "
+                "(schedule_options={'t_start': ...}) or use a multistep solver."
+            )
+
+
 @eqx.filter_jit
 def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite):
     state = solver.init_state(denoiser, x, cond, ts[-1], ts.shape[0] - 1)
@@ -129,6 +140,7 @@ def sample(
     ts, steps, ends_at_zero = resolve_grid(
         solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
     )
+    check_start(solver, denoiser.process, ts)
     ts = ts.astype(x_T.dtype)
     del key  # reserved for stochastic solvers
     x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite)

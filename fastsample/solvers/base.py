@@ -28,6 +28,9 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
     #: model evaluations per step
     nfe_per_step: ClassVar[int] = 1
+    #: whether the grid must start at a finite log-SNR (``alpha > 0``): singlestep methods place
+    #: intermediate points in log-SNR, which is undefined on a step from pure noise
+    needs_finite_start: ClassVar[bool] = False
 
     # ----- the fastsample contract -----------------------------------------------------------
     def init_state(self, denoiser, x, cond, t_end, num_steps: int | None) -> Any:

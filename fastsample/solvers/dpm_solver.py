@@ -8,6 +8,8 @@ families differ only in the prediction variables.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -25,24 +27,30 @@ from .exponential import (
 __all__ = ["DPMSolverMultistep", "DPMSolverSinglestep"]
 
 
-def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int):
+def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int, d2_factor: float = 1.0):
     """Weights of ``m_0, m_1, m_2`` (newest first) for orders 1-3 (DPM-Solver++ Algorithm 2 and
     its third-order extension), selected by the traced ``order``; ``r_j`` are ratios of earlier
-    steps to ``h``."""
+    steps to ``h``.
+
+    The published third-order update ``... - beta1 phi_3 D2`` uses ``D2 ~ h^2 m''/2``, while
+    integrating the quadratic interpolant exactly needs ``2 phi_3 D2``: with ``d2_factor=1`` (the
+    reference implementations' numbers) the method is exact for linear, not quadratic, outputs and
+    converges with order 2; ``d2_factor=2`` gives the third-order method."""
     z = -h
     e1 = jnp.expm1(z)  # expm1(-h)
     e2 = h * phi(2, z)  # expm1(-h)/h + 1
     e3 = z * phi(3, z)  # e2/h - 1/2
-    w1 = jnp.stack([-e1, 0.0 * e1, 0.0 * e1])
+    zero = jnp.zeros_like(h)  # (not 0 * r: a point at lambda = -inf has r = inf)
+    w1 = jnp.stack([-e1, zero, zero])
     if midpoint:
-        w2 = jnp.stack([-e1 - 0.5 * e1 / r0, 0.5 * e1 / r0, 0.0 * e1])
+        w2 = jnp.stack([-e1 - 0.5 * e1 / r0, 0.5 * e1 / r0, zero])
     else:
-        w2 = jnp.stack([-e1 + e2 / r0, -e2 / r0, 0.0 * e1])
-    d10 = jnp.stack([1.0 / r0, -1.0 / r0, 0.0 * r0])
-    d11 = jnp.stack([0.0 * r1, 1.0 / r1, -1.0 / r1])
+        w2 = jnp.stack([-e1 + e2 / r0, -e2 / r0, zero])
+    d10 = jnp.stack([1.0 / r0, -1.0 / r0, zero])
+    d11 = jnp.stack([zero, 1.0 / r1, -1.0 / r1])
     d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
     d2 = (d10 - d11) / (r0 + r1)
-    w3 = jnp.stack([-e1, 0.0 * e1, 0.0 * e1]) + e2 * d1 - e3 * d2
+    w3 = w1 + e2 * d1 - d2_factor * e3 * d2
     w = jnp.where(order == 1, w1, jnp.where(order == 2, w2, w3))
     return w[:size]
 
@@ -53,6 +61,9 @@ class DPMSolverMultistep(AbstractMultistepSolver):
     paper's DPM-Solver++(2M), diffusers' default) or ``heun`` (Taylor form) for order 2."""
 
     solver_type: str = eqx.field(static=True, default="midpoint")
+    #: ``True``: the third-order update integrates the quadratic interpolant exactly (order 3);
+    #: ``False``: the published formula, as in the reference implementations (order 2 in practice)
+    exact_third_order: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.solver_type not in ("midpoint", "heun"):
@@ -69,7 +80,8 @@ class DPMSolverMultistep(AbstractMultistepSolver):
         # unfilled history (warm-up) is never selected; keep its ratios finite
         r0 = jnp.where(state.count >= 1, r0, 1.0)
         r1 = jnp.where(state.count >= 2, r1, 1.0)
-        return _dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1)
+        return _dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1,
+                            2.0 if self.exact_third_order else 1.0)
 
 
 class DPMSolverSinglestep(AbstractFastSolver):
@@ -80,6 +92,8 @@ class DPMSolverSinglestep(AbstractFastSolver):
 
     order: int = eqx.field(static=True, default=2)
     prediction: str = eqx.field(static=True, default="eps")
+
+    needs_finite_start: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 1 <= self.order <= 3:
