@@ -308,10 +308,10 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
       normalised index). The schedule has ``num_steps + 1`` points, or ``num_steps`` points plus an
       appended 0 with ``final_zero=True`` (so ``num_steps=10, final_zero=False`` is the table itself).
       A trailing ``0.0`` in a custom table is dropped (use ``final_zero`` instead).
-    * Range: ``t_start``/``t_end`` default to the table's ends clipped to the process range
-      (``sigma_edm(t_max)``/``sigma_edm(t_min)``), not to ``t_max``/``t_min``. If the (clipped or
-      given) end noise levels differ from the table's, ``log sigma`` is rescaled affinely so the
-      table's ends land on them exactly (e.g. Stable Diffusion's table, whose rounded ends
+    * Range: ``t_start``/``t_end`` default to ``t_max``/``t_min`` like every schedule (the prior
+      is drawn at ``t_max``); pass ``t_start="table"`` / ``t_end="table"`` to use the table's own
+      ends clipped to the process range. If the end noise levels differ from the table's,
+      ``log sigma`` is rescaled affinely so the table's ends land on them exactly (e.g. Stable Diffusion's table, whose rounded ends
       14.615/0.029 fall just outside ``VPDiscrete.scaled_linear()``'s 14.6146/0.02916, is shifted
       imperceptibly; SVD's 700..0.002 is compressed into ``EDM(0.002, 80)``). When the table lies
       inside the range and no ends are given, it is used unchanged. Sigmas map to ``t`` with
@@ -342,6 +342,8 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
     # Noise levels (log) and times of the two ends. A table end within 1e-9 (relative) of, or
     # beyond, the process's end snaps to t_max / t_min exactly.
     snap = 1e-9
+    t_start = process.t_max if t_start is None else (None if t_start == "table" else t_start)
+    t_end = process.t_min if t_end is None else (None if t_end == "table" else t_end)
     if t_start is None:
         if log_table_hi > log_range_hi - snap:
             t0, hi = float(process.t_max), float(log_range_hi)

@@ -72,8 +72,6 @@ def test_registry():
 def test_endpoints_and_monotone(pname, schedule, final_zero):
     process = PROCESSES[pname]
     for t_start, t_end in _ends(pname, process):
-        if schedule == "ays" and t_start is None:
-            continue  # ays defaults to its table's ends; checked separately
         if final_zero and t_end is None and process.t_min == 0:
             continue
         for n in (1, 2, 7):
@@ -239,31 +237,31 @@ def test_ays_tables_published_values():
 def test_ays_10_steps_is_the_table(model):
     table = np.array(AYS_SIGMAS[model])
     process = EDM(sigma_min=0.001, sigma_max=1000.0)  # covers every table
-    ts = np.asarray(get_timesteps(process, 10, "ays", model=model))
+    ts = np.asarray(get_timesteps(process, 10, "ays", t_start="table", t_end="table", model=model))
     np.testing.assert_array_equal(ts, _cast(table))  # EDM: t == sigma_edm
     with jax.enable_x64(True):
-        ts64 = np.asarray(get_timesteps(process, 10, "ays", model=model))
+        ts64 = np.asarray(get_timesteps(process, 10, "ays", t_start="table", t_end="table", model=model))
     np.testing.assert_allclose(ts64, table, rtol=1e-14)
 
 
 def test_ays_sd15_on_covering_process_and_flow_matching():
-    ts = np.asarray(get_timesteps(EDM(sigma_min=0.02, sigma_max=14.7), 10, "ays", model="sd15"))
+    ts = np.asarray(get_timesteps(EDM(sigma_min=0.02, sigma_max=14.7), 10, "ays", t_start="table", t_end="table", model="sd15"))
     np.testing.assert_array_equal(ts, _cast(SD15))
     flow = FlowMatching()
     with jax.enable_x64(True):
-        ts = get_timesteps(flow, 10, "ays", model="sd15")
+        ts = get_timesteps(flow, 10, "ays", t_start="table", t_end="table", model="sd15")
         np.testing.assert_allclose(np.asarray(flow.sigma_edm(ts)), SD15, rtol=1e-12)
 
 
 def test_ays_interpolation_keeps_table_points():
     with jax.enable_x64(True):
-        ts20 = np.asarray(get_timesteps(EDM(0.02, 14.7), 20, "ays", model="sd15"))
+        ts20 = np.asarray(get_timesteps(EDM(0.02, 14.7), 20, "ays", t_start="table", t_end="table", model="sd15"))
     np.testing.assert_allclose(ts20[::2], SD15, rtol=1e-14)
     np.testing.assert_allclose(ts20[1::2], np.sqrt(SD15[:-1] * SD15[1:]), rtol=1e-12)  # log-midpoints
     # AYS how-to interpolation (np.interp of log sigma on the normalised index) for other counts
     for n in (4, 7, 13):
         with jax.enable_x64(True):
-            ts = np.asarray(get_timesteps(EDM(0.02, 14.7), n, "ays", model="sd15"))
+            ts = np.asarray(get_timesteps(EDM(0.02, 14.7), n, "ays", t_start="table", t_end="table", model="sd15"))
         ref = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, 11), np.log(SD15[::-1])))[::-1]
         np.testing.assert_allclose(ts, ref, rtol=1e-12)
 
@@ -271,8 +269,8 @@ def test_ays_interpolation_keeps_table_points():
 def test_ays_final_zero():
     # num_steps=11 with final_zero: the 11 table points and a 0 (A1111/ComfyUI convention).
     with jax.enable_x64(True):
-        ts = np.asarray(get_timesteps(EDM(0.02, 14.7), 11, "ays", final_zero=True))
-        ts10 = np.asarray(get_timesteps(EDM(0.02, 14.7), 10, "ays", final_zero=True))
+        ts = np.asarray(get_timesteps(EDM(0.02, 14.7), 11, "ays", t_start="table", t_end="table", final_zero=True))
+        ts10 = np.asarray(get_timesteps(EDM(0.02, 14.7), 10, "ays", t_start="table", t_end="table", final_zero=True))
     np.testing.assert_allclose(ts[:-1], SD15, rtol=1e-14)
     assert ts[-1] == 0.0
     ref = np.exp(np.interp(np.linspace(0, 1, 10), np.linspace(0, 1, 11), np.log(SD15[::-1])))[::-1]
@@ -305,7 +303,7 @@ def test_ays_rescales_table_into_narrower_range():
 
 
 def test_ays_custom_table():
-    ts = np.asarray(get_timesteps(EDM(0.002, 80.0), 3, "ays", sigmas=[10.0, 1.0, 0.1, 0.01, 0.0]))
+    ts = np.asarray(get_timesteps(EDM(0.002, 80.0), 3, "ays", t_start="table", t_end="table", sigmas=[10.0, 1.0, 0.1, 0.01, 0.0]))
     np.testing.assert_allclose(ts, [10.0, 1.0, 0.1, 0.01], rtol=1e-6)
 
 
