@@ -5,6 +5,7 @@ The public API is re-exported here; everything else is private.
 
 from . import models, processes, solvers, timesteps
 from .denoisers import Denoiser, Thresholding, convert_prediction
+from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
 from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
 from .sample import SampleInfo, prior, reference_solve, sample
 from .solvers import SOLVERS, AbstractFastSolver, available_solvers, get_solver
@@ -14,6 +15,10 @@ from .timesteps import available_schedules, get_timesteps
 __version__ = "0.1.0"
 
 __all__ = [
+    "BDIADDIM",
+    "bdia_invert",
+    "bdia_sample",
+    "invert",
     "AbstractFastSolver",
     "AbstractProcess",
     "Denoiser",

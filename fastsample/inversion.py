@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .denoisers import Denoiser
-from .sample import SampleInfo, _scan_sample, resolve_grid, sample
+from .sample import SampleInfo, _scan_sample, check_start, resolve_grid, sample
 from .solvers import AbstractFastSolver, get_solver
 from .solvers.exponential import ddim_step
 
@@ -98,6 +98,7 @@ def invert(
     solver = get_solver(solver, **(solver_options or {}))
     x = jnp.asarray(x)
     ts, steps = _inversion_grid(solver, denoiser.process, nfe, schedule, timesteps, schedule_options)
+    check_start(solver, denoiser.process, ts[::-1])  # the end it integrates towards
     ts = ts.astype(x.dtype)
     x_T, traj = _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite)
     out = (x_T,)

@@ -8,6 +8,8 @@ from .base import AbstractFastSolver
 from .dpm_solver import DPMSolverMultistep, DPMSolverSinglestep
 from .exponential import DDIM
 from .runge_kutta import Euler, Heun
+from .unipc import UniC, UniPC
+from .wrappers import GHVB, HB, EpsScaling, TimeShift
 
 _p = functools.partial
 
@@ -25,6 +27,8 @@ SOLVERS = {
     "dpm_solver_3m": _p(DPMSolverMultistep, order=3, prediction="eps"),
     "dpmpp_2m": _p(DPMSolverMultistep, order=2, prediction="x0"),
     "dpmpp_3m": _p(DPMSolverMultistep, order=3, prediction="x0"),
+    "unipc": _p(UniPC, order=2),
+    "unipc_3": _p(UniPC, order=3),
 }
 
 
@@ -51,8 +55,14 @@ __all__ = [
     "DDIM",
     "DPMSolverMultistep",
     "DPMSolverSinglestep",
+    "EpsScaling",
     "Euler",
+    "GHVB",
+    "HB",
     "Heun",
+    "TimeShift",
+    "UniC",
+    "UniPC",
     "SOLVERS",
     "available_solvers",
     "get_solver",

@@ -120,13 +120,27 @@ class History(NamedTuple):
     num_steps: jax.Array  # total steps of the grid, -1 if unknown
     t_end: jax.Array  # last time of the grid
 
+    @classmethod
+    def empty(cls, capacity: int, x, t_end, num_steps: int | None) -> History:
+        """An empty history for ``capacity`` earlier outputs shaped like ``x``."""
+        return cls(
+            jnp.zeros((capacity,) + x.shape, x.dtype), jnp.zeros((capacity,), x.dtype),
+            jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32),
+            jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32), jnp.asarray(t_end, x.dtype),
+        )
+
     def push(self, value, ell) -> History:
+        """Record ``value`` produced at ``ell``. An output at infinite ``ell`` (pure noise,
+        ``alpha = 0``) is infinitely far from every later point and carries no information
+        for finite differences: it is stored with a safe ``ell`` and the count restarts."""
         if self.values.shape[0] == 0:
             return self._replace(step=self.step + 1)
+        finite = jnp.isfinite(ell)
         values = jnp.concatenate([value[None], self.values[:-1]])
-        ells = jnp.concatenate([jnp.reshape(ell, (1,)), self.ells[:-1]])
+        ells = jnp.concatenate([jnp.reshape(jnp.where(finite, ell, 0.0), (1,)), self.ells[:-1]])
         k = self.values.shape[0]
-        return History(values, ells, jnp.minimum(self.count + 1, k), self.step + 1, self.num_steps, self.t_end)
+        count = jnp.where(finite, jnp.minimum(self.count + 1, k), 0)
+        return History(values, ells, count, self.step + 1, self.num_steps, self.t_end)
 
 
 class AbstractMultistepSolver(AbstractFastSolver):
@@ -159,13 +173,7 @@ class AbstractMultistepSolver(AbstractFastSolver):
         return self.order - 1
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
-        k = self.history_size
-        dtype = x.dtype
-        return History(
-            jnp.zeros((k,) + x.shape, dtype), jnp.zeros((k,), dtype), jnp.asarray(0, jnp.int32),
-            jnp.asarray(0, jnp.int32), jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32),
-            jnp.asarray(t_end, dtype),
-        )
+        return History.empty(self.history_size, x, t_end, num_steps)
 
     def step_order(self, state: History, t1):
         """The order used by the coming step (traced): warm-up, lower-order-final, ``sigma = 0``."""

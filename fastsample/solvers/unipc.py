@@ -97,10 +97,13 @@ def _corrector_rhos(q: int, rks, b):
 def _ratios(ells, ell_ref, h, count, first: int, n: int):
     """``r_k = (ells[first + k - 1] - ell_ref) / h`` for ``k = 1..n``; entries not (yet) in the
     history get distinct dummies ``-k`` (never selected; keeps the solves regular)."""
-    return [
-        jnp.where(first + k - 1 < count, (ells[first + k - 1] - ell_ref) / h, -float(k))
-        for k in range(1, n + 1)
-    ]
+    out = []
+    for k in range(1, n + 1):
+        valid = first + k - 1 < count
+        # inputs of the unselected branch made finite too, so that gradients stay finite
+        diff = jnp.where(valid, ells[first + k - 1], 0.0) - jnp.where(valid, ell_ref, 0.0)
+        out.append(jnp.where(valid, diff / h, -float(k)))
+    return out
 
 
 def _select(order, candidates):
@@ -152,19 +155,9 @@ def unic_correct(process, prediction: str, variant: str, scale, t0, x, m, cs: Co
 
 def _record(cs: CorrectorState, hist: History, x, t0, order, ell0) -> CorrectorState:
     """The corrector state after a step from ``(x, t0)`` of ``order``, whose output (made at
-    ``ell0``) ``hist`` has just received. An output at an infinite ``ell`` (``alpha = 0``) cannot
-    enter finite differences: the history restarts after it (the next steps warm up again)."""
-    hist = hist._replace(count=jnp.where(jnp.isfinite(ell0), hist.count, 0))
+    ``ell0``) ``hist`` has just received (``History.push`` restarts the count after an output at
+    infinite ``ell``)."""
     return CorrectorState(hist, x, jnp.asarray(t0, cs.t_prev.dtype), jnp.asarray(order, jnp.int32))
-
-
-def _empty_history(capacity: int, x, t_end, num_steps) -> History:
-    dtype = x.dtype
-    return History(
-        jnp.zeros((capacity,) + x.shape, dtype), jnp.zeros((capacity,), dtype), jnp.asarray(0, jnp.int32),
-        jnp.asarray(0, jnp.int32), jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32),
-        jnp.asarray(t_end, dtype),
-    )
 
 
 def _check_variant(variant):
@@ -264,7 +257,7 @@ class UniC(AbstractFastSolver):
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         base_state = self.base.init_state(denoiser, x, cond, t_end, num_steps)
-        hist = _empty_history(self.base.order, x, t_end, num_steps)
+        hist = History.empty(self.base.order, x, t_end, num_steps)
         return UniCState(base_state, CorrectorState(hist, x, jnp.asarray(t_end, x.dtype), jnp.asarray(0, jnp.int32)))
 
     def update(self, denoiser, t0, t1, x, cond, state: UniCState):

@@ -12,8 +12,8 @@ what the wrapper needs.
 
       v_{n+1} = (1 - beta) v_n + beta sum_j b_j eps_{n-j},   x_bar_{n+1} = x_bar_n + delta_n v_{n+1}
 
-  i.e. the momentum acts on the *combination of model outputs* in the base's own prediction
-  variables (its ``eps``/``x0`` "gradient"), not on the raw increment of ``x``.
+  i.e. the momentum acts on the *combination of model outputs* the base steps with (its ``eps``
+  or, for DPM-Solver++, ``x0`` "gradient"), not on the raw increment of ``x``.
 * :class:`GHVB` -- the generalised heavy ball of the same paper: momentum on the raw outputs,
   ``v_n = (1 - beta) v_{n-1} + beta m_n``, followed by an order-``k`` multistep combination of the
   velocities whose coefficients undo the lag of the moving average (order 2:
@@ -51,20 +51,6 @@ def _check_beta(name: str, beta) -> None:
         raise ValueError(f"{name} beta must be in (0, 1]; got {beta}.")
 
 
-def _check_prediction(prediction) -> None:
-    if prediction not in (None, "x0", "eps"):
-        raise ValueError(f"prediction must be 'x0', 'eps' or None; got {prediction!r}.")
-
-
-def _base_prediction(base: AbstractFastSolver, override: str | None) -> str:
-    """The prediction variables a wrapper works in: an explicit choice, else the base's own
-    ``prediction``, else ``eps`` (the paper's DDIM/PLMS form ``x_bar + delta eps``)."""
-    if override is not None:
-        return override
-    own = getattr(base, "prediction", None)
-    return own if own in ("x0", "eps") else "eps"
-
-
 def step_coefficients(process, t0, t1, prediction: str):
     """``(A, B)`` of the first-order exponential step ``x1 = A x + B m`` in prediction variables.
 
@@ -85,40 +71,41 @@ def step_coefficients(process, t0, t1, prediction: str):
 
 class _HBState(NamedTuple):
     base: object
-    v: jax.Array  # the velocity (in prediction variables)
+    v: jax.Array  # the velocity (a data prediction)
     count: jax.Array  # momentum updates made so far
 
 
 class HB(AbstractFastSolver):
     """Polyak's heavy-ball momentum applied to any solver (Wizadwongsa et al., 2024, Sec. 4.1).
 
-    Every step of the base is read as a first-order exponential step ``x1 = A x + B m_eff`` in the
-    prediction variables (:func:`step_coefficients`): ``m_eff = (x1_base - A x) / B`` is the
-    combination of model outputs the base used (``D0 + D1 / 2`` for DPM-Solver++(2M), the
-    Adams-Bashforth sum of ``eps`` for PLMS, the output itself for DDIM). The wrapper then steps
-    with the velocity::
+    Every step of the base is read as a first-order exponential step ``x1 = A x + B m_eff``
+    (:func:`step_coefficients`): ``m_eff = (x1_base - A x) / B`` is the combination of model
+    outputs the base used (``D0 + D1 / 2`` for DPM-Solver++(2M), the Adams-Bashforth sum for
+    PLMS, the output itself for DDIM). The wrapper then steps with the velocity::
 
         v_{n+1} = (1 - beta) v_n + beta m_eff_n,      x_{n+1} = A x_n + B v_{n+1}
 
-    which in ``eps`` variables is the paper's ``x_bar_{n+1} = x_bar_n + delta_n v_{n+1}``. The
-    velocity starts at the first step's ``m_eff`` (the first step is the base's). ``beta = 1`` is
-    the base exactly; smaller ``beta`` enlarges the stability region (the method is then first
-    order). A step whose coefficients are not finite (``eps`` variables from ``alpha = 0``,
-    flow matching at ``t = 1``) is the base's step and leaves the velocity unchanged.
+    In ``eps`` variables this is the paper's ``x_bar_{n+1} = x_bar_n + delta_n v_{n+1}``; in
+    ``x0`` variables it is the authors' DPM-Solver++ form ``x_{n+1} = (sigma_{n+1} / sigma_n) x_n
+    - alpha_{n+1} expm1(-h) v_{n+1}``. The two give the same sampler (by induction, the ``eps``
+    velocity stays the noise equivalent ``(x_n - alpha_n v) / sigma_n`` of the ``x0`` velocity,
+    because each step is the first-order step with that velocity), so the wrapper works in ``x0``
+    variables, whose coefficients stay finite at ``alpha = 0`` and ``sigma = 0``. The velocity
+    starts at the first step's ``m_eff`` (the first step is the base's). ``beta = 1`` is the base
+    exactly; smaller ``beta`` enlarges the stability region (the method is then first order). A
+    step with degenerate coefficients (``B = 0``: ending at ``alpha = 0``) is the base's step and
+    leaves the velocity unchanged.
 
     Arguments:
         base: the solver whose steps get momentum.
         beta: the momentum weight in ``(0, 1]``.
-        prediction: ``x0`` or ``eps`` variables; default the base's ``prediction``, else ``eps``.
     """
 
     base: AbstractFastSolver
     beta: float = 1.0
-    prediction: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         _check_beta("HB", self.beta)
-        _check_prediction(self.prediction)
 
     @property
     def name(self) -> str:
@@ -130,13 +117,17 @@ class HB(AbstractFastSolver):
     def min_steps(self):
         return self.base.min_steps()
 
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.base.needs_finite_start
+
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return _HBState(self.base.init_state(denoiser, x, cond, t_end, num_steps), jnp.zeros_like(x),
                         jnp.asarray(0, jnp.int32))
 
     def update(self, denoiser, t0, t1, x, cond, state):
         x1_base, base_state = self.base.update(denoiser, t0, t1, x, cond, state.base)
-        a, b = step_coefficients(denoiser.process, t0, t1, _base_prediction(self.base, self.prediction))
+        a, b = step_coefficients(denoiser.process, t0, t1, "x0")
         bad = ~(jnp.isfinite(a) & jnp.isfinite(b) & (b != 0))
         a = jnp.where(bad, 0.0, a).astype(x.dtype)
         b = jnp.where(bad, 1.0, b).astype(x.dtype)
@@ -154,8 +145,9 @@ class HB(AbstractFastSolver):
 
 
 class _FirstOrder(AbstractMultistepSolver):
-    """DDIM seen as the order-1 multistep method in ``prediction`` variables (GHVB's base for
-    ``DDIM``; the paper's DDIM is PLMS of order 1 on ``eps``)."""
+    """DDIM seen as the order-1 multistep method (GHVB's base for ``DDIM``). The paper's DDIM is
+    PLMS of order 1 on ``eps``; for heavy ball on a first-order method ``x0`` and ``eps``
+    variables give the same sampler (see :class:`HB`), and ``x0`` stays finite at ``alpha = 0``."""
 
     name = "ddim"
 
@@ -189,27 +181,24 @@ class GHVB(AbstractFastSolver):
     exponential weights of DPM-Solver(++)/multistep solvers it is the same construction on a
     non-uniform grid (on a log-SNR-uniform grid DPM-Solver-2M in ``eps`` is exactly AB2 in
     ``x_bar``). Order 1 (``DDIM``, warm-up, final steps) is heavy ball on the outputs.
-    ``beta = 1`` is the base exactly.
+    ``beta = 1`` is the base exactly. Unlike HB, for orders >= 2 the result depends on the
+    base's prediction variables (the paper's GHVB is on ``eps``: use a base with
+    ``prediction="eps"`` for it).
 
     Arguments:
         base: an :class:`~fastsample.solvers.exponential.AbstractMultistepSolver` (its order,
-            warm-up and lower-order-final rules are kept) or :class:`DDIM` (order 1).
+            prediction variables, warm-up and lower-order-final rules are kept) or :class:`DDIM`
+            (order 1, which is :class:`HB` on DDIM).
         beta: the momentum weight in ``(0, 1]``.
-        prediction: for a ``DDIM`` base, the variables of the momentum (default ``eps``, the
-            paper's); a multistep base uses its own.
     """
 
     base: AbstractFastSolver
     beta: float = 1.0
-    prediction: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         _check_beta("GHVB", self.beta)
-        _check_prediction(self.prediction)
         if not isinstance(self.base, (DDIM, AbstractMultistepSolver)):
             raise ValueError(f"GHVB needs a multistep solver or DDIM as its base; got {type(self.base).__name__}.")
-        if isinstance(self.base, AbstractMultistepSolver) and self.prediction not in (None, self.base.prediction):
-            raise ValueError("GHVB works in a multistep base's own prediction variables.")
 
     @property
     def name(self) -> str:
@@ -219,13 +208,17 @@ class GHVB(AbstractFastSolver):
     def _core(self) -> AbstractMultistepSolver:
         if isinstance(self.base, AbstractMultistepSolver):
             return self.base
-        return _FirstOrder(order=1, prediction=self.prediction or "eps")
+        return _FirstOrder(order=1, prediction="x0")
 
     def nfe(self, num_steps, final_zero=False):
         return self.base.nfe(num_steps, final_zero)
 
     def min_steps(self):
         return self.base.min_steps()
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.base.needs_finite_start
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         core = self._core
@@ -355,6 +348,10 @@ class TimeShift(AbstractFastSolver):
     def min_steps(self):
         return self.base.min_steps()
 
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.base.needs_finite_start
+
     def wrap(self, denoiser):
         """The denoiser whose predictions the base solver sees."""
         return _TimeShifted(denoiser, self.window, self.cutoff, self.num_candidates)
@@ -413,6 +410,10 @@ class EpsScaling(AbstractFastSolver):
 
     def min_steps(self):
         return self.base.min_steps()
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.base.needs_finite_start
 
     def wrap(self, denoiser):
         """The denoiser whose predictions the base solver sees."""
