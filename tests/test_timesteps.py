@@ -245,7 +245,8 @@ def test_ays_10_steps_is_the_table(model):
 
 
 def test_ays_sd15_on_covering_process_and_flow_matching():
-    ts = np.asarray(get_timesteps(EDM(sigma_min=0.02, sigma_max=14.7), 10, "ays", t_start="table", t_end="table", model="sd15"))
+    ts = np.asarray(get_timesteps(EDM(sigma_min=0.02, sigma_max=14.7), 10, "ays", t_start="table", t_end="table",
+                                  model="sd15"))
     np.testing.assert_array_equal(ts, _cast(SD15))
     flow = FlowMatching()
     with jax.enable_x64(True):
@@ -303,7 +304,8 @@ def test_ays_rescales_table_into_narrower_range():
 
 
 def test_ays_custom_table():
-    ts = np.asarray(get_timesteps(EDM(0.002, 80.0), 3, "ays", t_start="table", t_end="table", sigmas=[10.0, 1.0, 0.1, 0.01, 0.0]))
+    ts = np.asarray(get_timesteps(EDM(0.002, 80.0), 3, "ays", t_start="table", t_end="table",
+                                  sigmas=[10.0, 1.0, 0.1, 0.01, 0.0]))
     np.testing.assert_allclose(ts, [10.0, 1.0, 0.1, 0.01], rtol=1e-6)
 
 
