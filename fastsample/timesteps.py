@@ -311,10 +311,9 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
     * Range: ``t_start``/``t_end`` default to ``t_max``/``t_min`` like every schedule (the prior
       is drawn at ``t_max``); pass ``t_start="table"`` / ``t_end="table"`` to use the table's own
       ends clipped to the process range. If the end noise levels differ from the table's,
-      ``log sigma`` is rescaled affinely so the table's ends land on them exactly (e.g. Stable
-      Diffusion's table, whose rounded ends 14.615/0.029 fall just outside ``VPDiscrete.scaled_linear()``'s 14.6146/0.02916, is shifted
-      imperceptibly; SVD's 700..0.002 is compressed into ``EDM(0.002, 80)``). When the table lies
-      inside the range and no ends are given, it is used unchanged. Sigmas map to ``t`` with
+      ``log sigma`` is rescaled affinely so the table's ends land on them exactly (SVD's
+      700..0.002 is compressed into ``EDM(0.002, 80)``; SD1.5's table on
+      ``VPDiscrete.scaled_linear()`` moves by under 0.6%). Sigmas map to ``t`` with
       ``process.t_from_sigma_edm``.
     """
     if sigmas is None:
