@@ -68,7 +68,8 @@ def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> Non
             raise ValueError(
                 f"{solver.name} needs a grid that starts at a finite log-SNR (alpha > 0); ts[0]={float(ts[0])} "
                 f"is pure noise for {type(process).__name__}: start slightly below it "
-                "(schedule_options={'t_start': ...}) or use a multistep solver."
+                "(schedule_options={'t_start': ...}) or use a data-prediction multistep solver "
+                "(dpmpp_2m, dpmpp_3m, unipc)."
             )
 
 

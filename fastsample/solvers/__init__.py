@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 
 from .base import AbstractFastSolver
+from .deis import DEIS
 from .dpm_solver import DPMSolverMultistep, DPMSolverSinglestep
 from .exponential import DDIM
+from .linear_multistep import IPNDM, LMS, PNDM
 from .runge_kutta import Euler, Heun
 from .unipc import UniC, UniPC
 from .wrappers import GHVB, HB, EpsScaling, TimeShift
@@ -27,6 +29,10 @@ SOLVERS = {
     "dpm_solver_3m": _p(DPMSolverMultistep, order=3, prediction="eps"),
     "dpmpp_2m": _p(DPMSolverMultistep, order=2, prediction="x0"),
     "dpmpp_3m": _p(DPMSolverMultistep, order=3, prediction="x0"),
+    "deis": DEIS,
+    "ipndm": IPNDM,
+    "lms": LMS,
+    "pndm": PNDM,
     "unipc": _p(UniPC, order=2),
     "unipc_3": _p(UniPC, order=3),
 }
@@ -53,6 +59,10 @@ def get_solver(solver, **options) -> AbstractFastSolver:
 __all__ = [
     "AbstractFastSolver",
     "DDIM",
+    "DEIS",
+    "IPNDM",
+    "LMS",
+    "PNDM",
     "DPMSolverMultistep",
     "DPMSolverSinglestep",
     "EpsScaling",

@@ -28,9 +28,12 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
     #: model evaluations per step
     nfe_per_step: ClassVar[int] = 1
-    #: whether the grid must start at a finite log-SNR (``alpha > 0``): singlestep methods place
-    #: intermediate points in log-SNR, which is undefined on a step from pure noise
-    needs_finite_start: ClassVar[bool] = False
+    @property
+    def needs_finite_start(self) -> bool:
+        """Whether the grid must start at a finite log-SNR (``alpha > 0``): noise-prediction
+        updates divide by ``alpha``, and singlestep methods place intermediate points in
+        log-SNR, both undefined on a step from pure noise (flow matching at ``t = 1``)."""
+        return False
 
     # ----- the fastsample contract -----------------------------------------------------------
     def init_state(self, denoiser, x, cond, t_end, num_steps: int | None) -> Any:

@@ -102,12 +102,14 @@ class DEIS(AbstractMultistepSolver):
             raise ValueError(f"DEIS basis must be 'log_snr' or 't'; got {self.basis!r}.")
 
     def _s_nodes(self, c, state):
-        """Nodes ``s_j = (ell_j - ell0) / h`` (``s_0 = 0``); unfilled history gets ``-j`` (never
-        selected, keeps the basis finite)."""
+        """Nodes ``s_j = (ell_j - ell0) / h`` (``s_0 = 0``); unfilled history gets ``-(j + 1)``
+        (never selected, keeps the basis finite). ``History.push`` restarts the count after an
+        output at ``ell = -inf`` (pure noise), so filled entries have finite ``ell``."""
         nodes = [jnp.zeros_like(c.h)]
         for j in range(self.history_size):
-            s = (state.ells[j] - c.ell0) / c.h
-            nodes.append(jnp.where(state.count > j, s, -(j + 1.0)))
+            filled = state.count > j
+            s = (jnp.where(filled, state.ells[j], c.ell0 - (j + 1.0)) - c.ell0) / c.h
+            nodes.append(jnp.where(filled, s, -(j + 1.0)))
         return nodes
 
     def _select(self, per_order, order):

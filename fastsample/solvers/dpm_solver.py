@@ -8,8 +8,6 @@ families differ only in the prediction variables.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -93,7 +91,9 @@ class DPMSolverSinglestep(AbstractFastSolver):
     order: int = eqx.field(static=True, default=2)
     prediction: str = eqx.field(static=True, default="eps")
 
-    needs_finite_start: ClassVar[bool] = True
+    @property
+    def needs_finite_start(self) -> bool:
+        return True
 
     def __check_init__(self):
         if not 1 <= self.order <= 3:

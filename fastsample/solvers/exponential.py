@@ -172,6 +172,10 @@ class AbstractMultistepSolver(AbstractFastSolver):
     def history_size(self) -> int:
         return self.order - 1
 
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.prediction == "eps"
+
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return History.empty(self.history_size, x, t_end, num_steps)
 

@@ -13,7 +13,9 @@
   multistep method with the fourth-order Adams-Bashforth weights.
 
 A step that ends at ``t = 0`` is a DDIM step with the step's single evaluation, for every solver
-here (for ``EDM`` and flow matching that is also the Euler step).
+here (for ``EDM`` and flow matching that is also the Euler step). The noise-prediction forms
+(iPNDM, PNDM) divide by ``alpha`` at a step's start, like every noise-prediction exponential
+integrator: with flow matching, start below ``t = 1``.
 """
 
 from __future__ import annotations
@@ -41,15 +43,6 @@ ADAMS_BASHFORTH = np.array([
 # Gauss-Legendre on [0, 1] with 4 nodes: exact for the cubic Lagrange basis of LMS-4
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(4)
 _S, _W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
-
-
-def _history(size: int, x, t_end, num_steps) -> History:
-    dtype = x.dtype
-    return History(
-        jnp.zeros((size,) + x.shape, dtype), jnp.zeros((size,), dtype), jnp.asarray(0, jnp.int32),
-        jnp.asarray(0, jnp.int32), jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32),
-        jnp.asarray(t_end, dtype),
-    )
 
 
 def _step_order(order: int, lower_order_final: bool, state: History, t1):
@@ -107,7 +100,8 @@ class LMS(AbstractFastSolver):
             raise ValueError(f"LMS order must be in 1..{self.max_order}; got {self.order}.")
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
-        return _history(self.order - 1, x, t_end, num_steps)
+        # a History whose values are drifts and whose ``ells`` hold the times they were taken at
+        return History.empty(self.order - 1, x, t_end, num_steps)
 
     def coefficients(self, t0, t1, state: History, order):
         """``c_j = int_{t0}^{t1} l_j(t) dt`` (newest first, zero beyond ``order``), shape ``(order,)``
@@ -153,12 +147,17 @@ class IPNDM(AbstractMultistepSolver):
     ``(55, -59, 37, -9)/24``), then a DDIM step with ``eps'``:
     ``x1 = alpha1 x0(eps') + sigma1 eps'``, ``x0(eps') = (x - sigma0 eps') / alpha0``.
 
-    This is the fixed-coefficient method of the DEIS paper (its ``ipndm``; also diffusers'
-    ``IPNDMScheduler``), not the variable-step variant some codebases call ``ipndm_v``. In the
-    shared form ``x1 = (kappa1/kappa0) x + beta1 sum_j b_j m_j`` its weights are
-    ``b = -expm1(-h) a``. Fields: ``order`` 1-4 (default 4), ``prediction`` (``"eps"``, the
-    method's; ``"x0"`` applies the same combination to data predictions), ``lower_order_final``
-    (default off, as in the paper). Order 1, and any step to ``t = 0``, is DDIM.
+    This is the fixed-coefficient method of the DEIS paper (its repository's ``ipndm``; diffusers'
+    ``IPNDMScheduler`` uses the same coefficients and a DDIM-type transfer), not the variable-step
+    variant some codebases call ``ipndm_v``. In the shared form
+    ``x1 = (kappa1/kappa0) x + beta1 sum_j b_j m_j`` its weights are ``b = -expm1(-h) a``.
+
+    The coefficients assume equal steps in ``rho = sigma / alpha`` (where DDIM is Euler's step for
+    ``x / alpha``): on other smooth grids orders 3 and 4 converge with order 2.
+
+    Fields: ``order`` 1-4 (default 4), ``prediction`` (``"eps"``, the method's; ``"x0"`` applies
+    the same combination to data predictions), ``lower_order_final`` (default off, as in the
+    paper). Order 1, and any step to ``t = 0``, is DDIM.
     """
 
     order: int = eqx.field(static=True, default=4)
@@ -181,14 +180,36 @@ class PNDM(AbstractFastSolver):
     ``x1 = phi(x, (55 e0 - 59 e1 + 37 e2 - 9 e3) / 24, t0, t1)`` over the ``e1`` of the last four
     steps. ``n`` steps cost ``4 min(n, 3) + max(n - 3, 0)`` evaluations.
 
-    ``tm = (t0 + t1) / 2`` is the midpoint in the process time, as in the paper (and diffusers'
-    ``PNDMScheduler``), whose half step is half the timestep spacing. A step that ends at ``t = 0``
-    is a DDIM step with ``e1`` (one evaluation; the others are skipped by ``lax.cond``).
+    ``midpoint`` picks ``tm``: ``"t"`` (default) the midpoint in the process time, as in the paper
+    and diffusers' ``PNDMScheduler`` (half the timestep spacing); ``"sigma_edm"`` the midpoint in
+    ``rho = sigma / alpha``, where DDIM's transfer is Euler's step for ``x / alpha``, which makes the
+    warm-up classical RK4 in ``rho`` (for ``EDM``, ``t = rho`` and both agree); ``"log_snr"`` the
+    midpoint in ``lambda``. Where ``rho(t)`` is far from linear over a step (flow matching near
+    ``t = 1``) the time midpoint is inaccurate. A step that ends at ``t = 0`` is a DDIM step with
+    ``e1`` (one evaluation; the others are skipped by ``lax.switch`` on an unbatched index).
     """
 
+    midpoint: str = eqx.field(static=True, default="t")
+
     name: ClassVar[str] = "pndm"
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return True
     #: pseudo Runge-Kutta warm-up steps
     prk_steps: ClassVar[int] = 3
+
+    def __check_init__(self):
+        if self.midpoint not in ("t", "log_snr", "sigma_edm"):
+            raise ValueError(f"PNDM midpoint must be 't', 'log_snr' or 'sigma_edm'; got {self.midpoint!r}.")
+
+    def half_time(self, process, t0, t1):
+        """The time of the pseudo Runge-Kutta midpoint evaluations."""
+        if self.midpoint == "t":
+            return t0 + 0.5 * (t1 - t0)
+        if self.midpoint == "log_snr":
+            return process.t_from_log_snr(0.5 * (process.log_snr(t0) + process.log_snr(t1)))
+        return process.t_from_sigma_edm(0.5 * (process.sigma_edm(t0) + process.sigma_edm(t1)))
 
     def nfe(self, num_steps, final_zero=False):
         prk = min(num_steps, self.prk_steps)
@@ -198,7 +219,7 @@ class PNDM(AbstractFastSolver):
         return total
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
-        return _history(3, x, t_end, num_steps)
+        return History.empty(3, x, t_end, num_steps)
 
     def update(self, denoiser, t0, t1, x, cond, state):
         process = denoiser.process
@@ -209,7 +230,7 @@ class PNDM(AbstractFastSolver):
             return _ddim_from_eps(process, t0, t1, x, e1)
 
         def prk():
-            tm = t0 + 0.5 * (t1 - t0)
+            tm = self.half_time(process, t0, t1)
             e2 = eps(_eps_transfer(process, t0, tm, x, e1), tm)
             e3 = eps(_eps_transfer(process, t0, tm, x, e2), tm)
             e4 = eps(_eps_transfer(process, t0, t1, x, e3), t1)
