@@ -111,7 +111,7 @@ def test_reductions(x64, final_zero):
 
 def test_names_and_options():
     assert UniPC().name == "unipc" and UniPC(use_corrector=False).name == "unip"
-    assert UniC(DPMSolverMultistep(order=2, prediction="x0")).name == "unic(dpmpp_2m)"
+    assert UniC(DPMSolverMultistep(order=2, prediction="x0")).name == "unic_dpmpp_2m"
     assert UniC(UniPC(order=2)).nfe(7, True) == 7
     with pytest.raises(ValueError, match="variant"):
         UniPC(variant="bh3")

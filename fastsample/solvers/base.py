@@ -13,10 +13,11 @@ import abc
 from typing import Any, ClassVar
 
 import diffrax
+import equinox as eqx
 
 from ..terms import ProbabilityFlowTerm, unwrap_term
 
-__all__ = ["AbstractFastSolver"]
+__all__ = ["AbstractFastSolver", "AbstractWrapper"]
 
 
 class AbstractFastSolver(diffrax.AbstractSolver):
@@ -89,3 +90,25 @@ class AbstractFastSolver(diffrax.AbstractSolver):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+class AbstractWrapper(AbstractFastSolver):
+    """A solver that modifies another one (``base``): its NFE, minimum step count and start
+    requirement are the base's; its name is ``f"{prefix}_{base.name}"``."""
+
+    base: eqx.AbstractVar[AbstractFastSolver]
+    prefix: ClassVar[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}_{self.base.name}"
+
+    def nfe(self, num_steps: int, final_zero: bool = False) -> int:
+        return self.base.nfe(num_steps, final_zero)
+
+    def min_steps(self) -> int:
+        return self.base.min_steps()
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return self.base.needs_finite_start

@@ -19,13 +19,13 @@ with that same output (it is not re-evaluated there).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AbstractFastSolver
+from .base import AbstractWrapper
 from .exponential import (
     AbstractMultistepSolver,
     History,
@@ -225,7 +225,7 @@ class UniPC(AbstractMultistepSolver):
         return _select(order, cands)
 
 
-class UniC(AbstractFastSolver):
+class UniC(AbstractWrapper):
     """UniC (Zhao et al. 2023, Sec. 3.2) after any multistep solver: before each of ``base``'s
     steps, the point the previous step predicted is corrected with the output just evaluated
     there (UniC-p for a step of order ``p``, so order ``p + 1``), and ``base`` then steps from the
@@ -242,18 +242,10 @@ class UniC(AbstractFastSolver):
             raise ValueError(f"UniC needs a multistep solver; got {type(self.base).__name__}.")
         _check_variant(self.variant)
 
-    @property
-    def name(self) -> str:
-        return f"unic({self.base.name})"
+    prefix: ClassVar[str] = "unic"
 
     def order(self, terms):
         return self.base.order + 1
-
-    def nfe(self, num_steps: int, final_zero: bool = False) -> int:
-        return self.base.nfe(num_steps, final_zero)
-
-    def min_steps(self) -> int:
-        return self.base.min_steps()
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         base_state = self.base.init_state(denoiser, x, cond, t_end, num_steps)

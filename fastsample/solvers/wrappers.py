@@ -32,15 +32,16 @@ reproduce the base solver exactly.
 
 from __future__ import annotations
 
+import abc
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from ..denoisers import convert_prediction
-from .base import AbstractFastSolver
+from .base import AbstractFastSolver, AbstractWrapper
 from .exponential import DDIM, AbstractMultistepSolver, History
 
 __all__ = ["HB", "GHVB", "TimeShift", "EpsScaling"]
@@ -75,7 +76,7 @@ class _HBState(NamedTuple):
     count: jax.Array  # momentum updates made so far
 
 
-class HB(AbstractFastSolver):
+class HB(AbstractWrapper):
     """Polyak's heavy-ball momentum applied to any solver (Wizadwongsa et al., 2024, Sec. 4.1).
 
     Every step of the base is read as a first-order exponential step ``x1 = A x + B m_eff``
@@ -107,19 +108,7 @@ class HB(AbstractFastSolver):
     def __check_init__(self):
         _check_beta("HB", self.beta)
 
-    @property
-    def name(self) -> str:
-        return f"hb_{self.base.name}"
-
-    def nfe(self, num_steps, final_zero=False):
-        return self.base.nfe(num_steps, final_zero)
-
-    def min_steps(self):
-        return self.base.min_steps()
-
-    @property
-    def needs_finite_start(self) -> bool:
-        return self.base.needs_finite_start
+    prefix: ClassVar[str] = "hb"
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return _HBState(self.base.init_state(denoiser, x, cond, t_end, num_steps), jnp.zeros_like(x),
@@ -166,7 +155,7 @@ def _extrapolation(p: int) -> list[float]:
     return [(-1.0) ** (p - i + 1) * math.comb(p, i) for i in range(p)]
 
 
-class GHVB(AbstractFastSolver):
+class GHVB(AbstractWrapper):
     """Generalised heavy ball (Wizadwongsa et al., 2024, Sec. 4.2) on a multistep solver.
 
     The momentum acts on the raw model outputs, ``v_n = (1 - beta) v_{n-1} + beta m_n`` (``v_0 =
@@ -200,25 +189,13 @@ class GHVB(AbstractFastSolver):
         if not isinstance(self.base, (DDIM, AbstractMultistepSolver)):
             raise ValueError(f"GHVB needs a multistep solver or DDIM as its base; got {type(self.base).__name__}.")
 
-    @property
-    def name(self) -> str:
-        return f"ghvb_{self.base.name}"
+    prefix: ClassVar[str] = "ghvb"
 
     @property
     def _core(self) -> AbstractMultistepSolver:
         if isinstance(self.base, AbstractMultistepSolver):
             return self.base
         return _FirstOrder(order=1, prediction="x0")
-
-    def nfe(self, num_steps, final_zero=False):
-        return self.base.nfe(num_steps, final_zero)
-
-    def min_steps(self):
-        return self.base.min_steps()
-
-    @property
-    def needs_finite_start(self) -> bool:
-        return self.base.needs_finite_start
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         core = self._core
@@ -246,6 +223,20 @@ class GHVB(AbstractFastSolver):
 
 
 # ------------------------------------------------------------------------- denoiser-side wrappers
+
+
+class _AbstractDenoiserWrapper(AbstractWrapper):
+    """A wrapper that changes what the base solver sees of the denoiser (:meth:`wrap`)."""
+
+    @abc.abstractmethod
+    def wrap(self, denoiser):
+        """The denoiser whose predictions the base solver sees."""
+
+    def init_state(self, denoiser, x, cond, t_end, num_steps):
+        return self.base.init_state(self.wrap(denoiser), x, cond, t_end, num_steps)
+
+    def update(self, denoiser, t0, t1, x, cond, state):
+        return self.base.update(self.wrap(denoiser), t0, t1, x, cond, state)
 
 
 class _DenoiserView(eqx.Module):
@@ -304,7 +295,7 @@ class _TimeShifted(_DenoiserView):
         return x0 if target == "x0" else convert_prediction(self.process, x, t, x0, "x0", target)
 
 
-class TimeShift(AbstractFastSolver):
+class TimeShift(_AbstractDenoiserWrapper):
     """Time-Shift Sampler (Li et al., 2024) around any solver.
 
     Each model evaluation at nominal time ``t > cutoff`` is made at the shifted time ``t_s``: the
@@ -338,29 +329,11 @@ class TimeShift(AbstractFastSolver):
         if not isinstance(self.num_candidates, int) or self.num_candidates < 2:
             raise ValueError(f"TimeShift num_candidates must be an integer >= 2; got {self.num_candidates!r}.")
 
-    @property
-    def name(self) -> str:
-        return f"ts_{self.base.name}"
-
-    def nfe(self, num_steps, final_zero=False):
-        return self.base.nfe(num_steps, final_zero)
-
-    def min_steps(self):
-        return self.base.min_steps()
-
-    @property
-    def needs_finite_start(self) -> bool:
-        return self.base.needs_finite_start
+    prefix: ClassVar[str] = "ts"
 
     def wrap(self, denoiser):
-        """The denoiser whose predictions the base solver sees."""
         return _TimeShifted(denoiser, self.window, self.cutoff, self.num_candidates)
 
-    def init_state(self, denoiser, x, cond, t_end, num_steps):
-        return self.base.init_state(self.wrap(denoiser), x, cond, t_end, num_steps)
-
-    def update(self, denoiser, t0, t1, x, cond, state):
-        return self.base.update(self.wrap(denoiser), t0, t1, x, cond, state)
 
 
 class _EpsScaled(_DenoiserView):
@@ -382,7 +355,7 @@ class _EpsScaled(_DenoiserView):
         return x0 if target == "x0" else convert_prediction(self.process, x, t, x0, "x0", target)
 
 
-class EpsScaling(AbstractFastSolver):
+class EpsScaling(_AbstractDenoiserWrapper):
     """Epsilon Scaling (Ning et al., 2024) around any solver.
 
     The model's noise prediction is divided by ``lambda(t) = scale + slope * t`` (the paper's
@@ -401,26 +374,7 @@ class EpsScaling(AbstractFastSolver):
         if isinstance(self.scale, (int, float)) and not self.scale > 0:
             raise ValueError(f"EpsScaling scale must be > 0; got {self.scale}.")
 
-    @property
-    def name(self) -> str:
-        return f"es_{self.base.name}"
-
-    def nfe(self, num_steps, final_zero=False):
-        return self.base.nfe(num_steps, final_zero)
-
-    def min_steps(self):
-        return self.base.min_steps()
-
-    @property
-    def needs_finite_start(self) -> bool:
-        return self.base.needs_finite_start
+    prefix: ClassVar[str] = "es"
 
     def wrap(self, denoiser):
-        """The denoiser whose predictions the base solver sees."""
         return _EpsScaled(denoiser, self.scale, self.slope)
-
-    def init_state(self, denoiser, x, cond, t_end, num_steps):
-        return self.base.init_state(self.wrap(denoiser), x, cond, t_end, num_steps)
-
-    def update(self, denoiser, t0, t1, x, cond, state):
-        return self.base.update(self.wrap(denoiser), t0, t1, x, cond, state)
