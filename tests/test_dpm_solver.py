@@ -183,3 +183,16 @@ def test_bad_options():
         DPMSolverMultistep(solver_type="rk")
     with pytest.raises(ValueError, match=r"dpm_solver_3 cannot use exactly nfe=10; reachable NFE: \[3, 6, 9"):
         fs.sample(fs.Denoiser(lambda x, t, c: x, fs.VPLinear(), "x0"), jnp.ones((1, 2)), "dpm_solver_3", nfe=10)
+
+
+def test_exact_third_order_equals_deis_with_data_prediction(x64, ring_problem):
+    """Both integrate the exponential weight against the quadratic through the last three
+    outputs in log-SNR: the corrected 3M update (with the Taylor, "heun", second-order warm-up
+    step) and DEIS(3, x0) are the same method."""
+    from fastsample.solvers import DEIS
+
+    p, d, x_T, _ = ring_problem
+    a = fs.sample(d, x_T, DPMSolverMultistep(order=3, prediction="x0", exact_third_order=True, solver_type="heun"),
+                  nfe=12)
+    b = fs.sample(d, x_T, DEIS(order=3, prediction="x0"), nfe=12)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
