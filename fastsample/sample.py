@@ -12,7 +12,8 @@ import numpy as np
 
 from .denoisers import Denoiser
 from .processes import AbstractProcess
-from .solvers import AbstractFastSolver, get_solver
+from .solvers import AbstractFastSolver, DPMSolverAdaptive, get_solver
+from .solvers.exponential import ddim_step
 from .terms import ProbabilityFlowTerm
 from .timesteps import get_timesteps
 
@@ -138,6 +139,10 @@ def sample(
         raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
     solver = get_solver(solver, **(solver_options or {}))
     x_T = jnp.asarray(x_T)
+    if isinstance(solver, DPMSolverAdaptive):
+        if return_trajectory or timesteps is not None:
+            raise ValueError("dpm_solver_adaptive chooses its own steps: no `timesteps`, no trajectory.")
+        return _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_options, return_info)
     ts, steps, ends_at_zero = resolve_grid(
         solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
     )
@@ -151,6 +156,43 @@ def sample(
     if return_info:
         out += (SampleInfo(solver.nfe(steps, ends_at_zero), steps, ts),)
     return out[0] if len(out) == 1 else out
+
+
+def _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_options, return_info):
+    process = denoiser.process
+    options = dict(schedule_options or {})
+    unknown = set(options) - {"t_start", "t_end"}
+    if unknown:
+        raise ValueError(f"dpm_solver_adaptive takes schedule_options t_start and t_end only; got {sorted(unknown)}.")
+    t0, t1 = options.get("t_start", process.t_max), options.get("t_end", process.t_min)
+    process.check_times(np.array([t0, t1]), allow_zero=False, name="[t_start, t_end]")
+    check_start(solver, process, np.array([t0]))
+    budget = None if nfe is None else nfe - (1 if final_zero else 0)
+    result = _adaptive(solver, denoiser, x_T, jnp.asarray(t0, x_T.dtype), jnp.asarray(t1, x_T.dtype), cond,
+                       budget, final_zero)
+    if not isinstance(result.reached, jax.core.Tracer) and not bool(result.reached):
+        raise ValueError(
+            f"dpm_solver_adaptive did not reach t_end={t1} within nfe={nfe} model evaluations: pass nfe=None "
+            f"(no cap), a larger nfe, or a larger rtol (now {solver.rtol})."
+        )
+    if not return_info:
+        return result.x
+    used = result.nfe + (1 if final_zero else 0)
+    grid = jnp.asarray([t0, 0.0 if final_zero else t1])
+    if not isinstance(used, jax.core.Tracer):
+        used, steps = int(used), int(result.steps) + (1 if final_zero else 0)
+    else:
+        steps = result.steps
+    return result.x, SampleInfo(used, steps, grid)
+
+
+@eqx.filter_jit
+def _adaptive(solver, denoiser, x, t0, t1, cond, budget, final_zero):
+    result = solver.solve(denoiser, x, t0, t1, cond, budget)
+    if final_zero:
+        x0_hat = denoiser(result.x, t1, cond)
+        result = result._replace(x=ddim_step(denoiser.process, t1, jnp.zeros_like(t1), result.x, x0_hat))
+    return result
 
 
 def reference_solve(

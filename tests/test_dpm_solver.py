@@ -196,3 +196,32 @@ def test_exact_third_order_equals_deis_with_data_prediction(x64, ring_problem):
                   nfe=12)
     b = fs.sample(d, x_T, DEIS(order=3, prediction="x0"), nfe=12)
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_adaptive_step_size_meets_tighter_tolerances(x64, ring_problem, order):
+    p, d, x_T, ref = ring_problem
+    errors, nfes = [], []
+    for rtol in (0.05, 0.005, 0.0005):
+        x, info = fs.sample(d, x_T, "dpm_solver_adaptive", nfe=None, return_info=True,
+                            solver_options=dict(order=order, rtol=rtol, atol=1e-5))
+        errors.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
+        nfes.append(info.nfe)
+    assert errors[0] > errors[1] > errors[2] and nfes[0] < nfes[1] < nfes[2], (errors, nfes)
+    assert errors[2] < 1e-3
+
+
+def test_adaptive_reports_the_model_calls_it_made_and_its_budget():
+    calls = []
+
+    def model(x, t, cond):
+        jax.debug.callback(lambda: calls.append(1))
+        return 0.5 * x
+
+    d = fs.Denoiser(model, fs.VPLinear(), "x0")
+    x, info = fs.sample(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=None, final_zero=True, return_info=True)
+    x.block_until_ready()
+    jax.effects_barrier()
+    assert info.nfe == len(calls) > 0 and np.all(np.isfinite(np.asarray(x)))
+    with pytest.raises(ValueError, match=r"did not reach t_end=0.001 within nfe=6 model evaluations"):
+        fs.sample(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=6)

@@ -6,7 +6,7 @@ import functools
 
 from .base import AbstractFastSolver
 from .deis import DEIS
-from .dpm_solver import DPMSolverMultistep, DPMSolverSinglestep
+from .dpm_solver import DPMSolverAdaptive, DPMSolverMultistep, DPMSolverSinglestep
 from .exponential import DDIM
 from .linear_multistep import IPNDM, LMS, PNDM
 from .runge_kutta import Euler, Heun
@@ -23,6 +23,7 @@ SOLVERS = {
     "dpm_solver_1": _p(DPMSolverSinglestep, order=1, prediction="eps"),
     "dpm_solver_2": _p(DPMSolverSinglestep, order=2, prediction="eps"),
     "dpm_solver_3": _p(DPMSolverSinglestep, order=3, prediction="eps"),
+    "dpm_solver_adaptive": DPMSolverAdaptive,
     "dpmpp_2s": _p(DPMSolverSinglestep, order=2, prediction="x0"),
     "dpmpp_3s": _p(DPMSolverSinglestep, order=3, prediction="x0"),
     "dpm_solver_2m": _p(DPMSolverMultistep, order=2, prediction="eps"),
@@ -42,9 +43,9 @@ def available_solvers() -> list[str]:
     return sorted(SOLVERS)
 
 
-def get_solver(solver, **options) -> AbstractFastSolver:
+def get_solver(solver, **options) -> AbstractFastSolver | DPMSolverAdaptive:
     """A solver instance from a registry name (with constructor ``options``) or an instance."""
-    if isinstance(solver, AbstractFastSolver):
+    if isinstance(solver, (AbstractFastSolver, DPMSolverAdaptive)):
         if options:
             raise ValueError("solver options are only accepted with a solver name, not an instance.")
         return solver
@@ -63,6 +64,7 @@ __all__ = [
     "IPNDM",
     "LMS",
     "PNDM",
+    "DPMSolverAdaptive",
     "DPMSolverMultistep",
     "DPMSolverSinglestep",
     "EpsScaling",

@@ -8,6 +8,8 @@ families differ only in the prediction variables.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from .exponential import (
     prediction_variables,
 )
 
-__all__ = ["DPMSolverMultistep", "DPMSolverSinglestep"]
+__all__ = ["AdaptiveResult", "DPMSolverAdaptive", "DPMSolverMultistep", "DPMSolverSinglestep"]
 
 
 def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int, d2_factor: float = 1.0):
@@ -126,6 +128,11 @@ class DPMSolverSinglestep(AbstractFastSolver):
         return ddim_step(process, t0, t1, x, (x - s0 * m0) / a0)
 
     def _higher_order(self, denoiser, t0, t1, x, m0, cond):
+        return self.step_pair(denoiser, t0, t1, x, m0, cond)[0]
+
+    def step_pair(self, denoiser, t0, t1, x, m0, cond):
+        """``(x_k, x_{k-1})``: the order-``k`` step and the embedded lower-order estimate that
+        shares its model evaluations (DPM-Solver-12 / -23, used for step-size control)."""
         process, pred = denoiser.process, self.prediction
         c = prediction_step(process, t0, t1, pred)
         h = c.h
@@ -134,22 +141,88 @@ class DPMSolverSinglestep(AbstractFastSolver):
             """x at the intermediate point ell0 + r h, from the first-order step."""
             t = ell_to_time(process, c.ell0 + r * h, pred)
             k, b, _ = prediction_variables(process, t, pred)
-            return t, k, b
+            return t, k, (k / c.kappa0) * x - b * jnp.expm1(-r * h) * m0, b
 
         e1 = jnp.expm1(-h)
-        if self.order == 2:
-            r1 = 0.5
-            ts1, k1, b1 = point(r1)
-            x1 = (k1 / c.kappa0) * x - b1 * jnp.expm1(-r1 * h) * m0
-            m1 = denoiser.predict(x1, ts1, cond, target=pred)
-            return (c.kappa1 / c.kappa0) * x - c.beta1 * e1 * m0 - (0.5 / r1) * c.beta1 * e1 * (m1 - m0)
-        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        ts1, k1, b1 = point(r1)
-        x1 = (k1 / c.kappa0) * x - b1 * jnp.expm1(-r1 * h) * m0
+        first = (c.kappa1 / c.kappa0) * x - c.beta1 * e1 * m0
+        r1 = 0.5 if self.order == 2 else 1.0 / 3.0
+        ts1, _, x1, _ = point(r1)
         m1 = denoiser.predict(x1, ts1, cond, target=pred)
-        ts2, k2, b2 = point(r2)
-        x2 = ((k2 / c.kappa0) * x - b2 * jnp.expm1(-r2 * h) * m0
-              + b2 * (r2 / r1) * (r2 * h * phi(2, -r2 * h)) * (m1 - m0))
+        second = first - (0.5 / r1) * c.beta1 * e1 * (m1 - m0)
+        if self.order == 2:
+            return second, first
+        r2 = 2.0 / 3.0
+        ts2, _, x2, b2 = point(r2)
+        x2 = x2 + b2 * (r2 / r1) * (r2 * h * phi(2, -r2 * h)) * (m1 - m0)
         m2 = denoiser.predict(x2, ts2, cond, target=pred)
-        return (c.kappa1 / c.kappa0) * x - c.beta1 * e1 * m0 + (c.beta1 / r2) * (h * phi(2, -h)) * (m2 - m0)
+        return first + (c.beta1 / r2) * (h * phi(2, -h)) * (m2 - m0), second
 
+
+class AdaptiveResult(NamedTuple):
+    x: jax.Array
+    nfe: jax.Array  # model evaluations made (accepted and rejected steps)
+    steps: jax.Array  # accepted steps
+    reached: jax.Array  # whether the end time was reached within the budget
+
+
+class DPMSolverAdaptive(eqx.Module):
+    """DPM-Solver with adaptive step size (Lu et al. 2022, Algorithm 4): a pair of embedded
+    singlestep solvers (orders 1/2 or 2/3) sharing model evaluations estimates the local error;
+    a step is accepted when the scaled error ``E <= 1`` and the next log-SNR step is
+    ``min(theta h E^{-1/order}, ell_end - ell)``. Noise prediction by default, as in the paper.
+    ``fastsample.sample(..., solver="dpm_solver_adaptive", nfe=None)`` runs it; ``nfe`` caps the
+    model evaluations."""
+
+    order: int = eqx.field(static=True, default=3)
+    prediction: str = eqx.field(static=True, default="eps")
+    rtol: float = 0.05
+    atol: float = 0.0078
+    h_init: float = 0.05
+    theta: float = 0.9
+    max_steps: int = eqx.field(static=True, default=1000)
+
+    def __check_init__(self):
+        if self.order not in (2, 3):
+            raise ValueError(f"dpm_solver_adaptive order must be 2 or 3; got {self.order}.")
+
+    @property
+    def name(self) -> str:
+        return "dpm_solver_adaptive"
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return True
+
+    def solve(self, denoiser, x, t_start, t_end, cond=None, max_nfe=None) -> AdaptiveResult:
+        pair = DPMSolverSinglestep(order=self.order, prediction=self.prediction)
+        process = denoiser.process
+        dtype = x.dtype
+        lam_start = jnp.asarray(process.log_snr(t_start), dtype)  # sampling increases lambda
+        lam_end = jnp.asarray(process.log_snr(t_end), dtype)
+        budget = jnp.asarray(jnp.iinfo(jnp.int32).max if max_nfe is None else max_nfe, jnp.int32)
+        tiny = 1e-5 * (lam_end - lam_start)
+
+        def norm(v):
+            return jnp.max(jnp.sqrt(jnp.mean(jnp.square(v.reshape(v.shape[0], -1)), axis=1)))
+
+        def cond_fn(carry):
+            x, lam, h, nfe, steps, tries = carry
+            return (lam_end - lam > tiny) & (nfe + self.order <= budget) & (tries < self.max_steps)
+
+        def body(carry):
+            x, lam, h, nfe, steps, tries = carry
+            t0, t1 = process.t_from_log_snr(lam), process.t_from_log_snr(lam + h)
+            m0 = denoiser.predict(x, t0, cond, target=self.prediction)
+            x_high, x_low = pair.step_pair(denoiser, t0, t1, x, m0, cond)
+            delta = jnp.maximum(self.atol, self.rtol * jnp.maximum(jnp.abs(x_low), jnp.abs(x)))
+            err = norm((x_high - x_low) / delta)
+            accept = err <= 1.0
+            x = jnp.where(accept, x_high, x)
+            lam = jnp.where(accept, lam + h, lam)
+            h = jnp.minimum(self.theta * h * jnp.maximum(err, 1e-10) ** (-1.0 / self.order), lam_end - lam)
+            return x, lam, h, nfe + self.order, steps + accept.astype(jnp.int32), tries + 1
+
+        h0 = jnp.minimum(jnp.asarray(self.h_init, dtype), lam_end - lam_start)
+        zero = jnp.asarray(0, jnp.int32)
+        x, lam, _, nfe, steps, _ = jax.lax.while_loop(cond_fn, body, (x, lam_start, h0, zero, zero, zero))
+        return AdaptiveResult(x, nfe, steps, lam_end - lam <= tiny)
