@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         func=lambda a: print("\n".join(__import__("fastsample").available_solvers())) or 0)
     sub.add_parser("schedules", help="list schedule names").set_defaults(
         func=lambda a: print("\n".join(__import__("fastsample").available_schedules())) or 0)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow options too
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except ConfigError as e:
