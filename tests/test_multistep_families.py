@@ -189,7 +189,7 @@ def test_deis_noise_prediction_matches_the_log_rho_closed_form(x64):
     c = prediction_step(p, jnp.asarray(t0), jnp.asarray(t1), "eps")
     state = History(jnp.zeros((1, 2)), jnp.asarray([lp]), jnp.asarray(1), jnp.asarray(1), jnp.asarray(-1),
                     jnp.asarray(0.0))
-    b = solver.weights(c, state, jnp.asarray(2))
+    b = solver.weights(p, c, state, jnp.asarray(2))
     a1 = float(p.alpha(jnp.asarray(t1)))
     np.testing.assert_allclose(c.beta1 * b, [a1 * c0, a1 * c1], rtol=1e-12)
 

@@ -39,11 +39,7 @@ import numpy as np
 
 from .exponential import (
     AbstractMultistepSolver,
-    _x0_from_eps,
-    ddim_step,
     ell_to_time,
-    prediction_step,
-    safe_step,
 )
 
 __all__ = ["DEIS", "lagrange_exp_weights"]
@@ -117,8 +113,9 @@ class DEIS(AbstractMultistepSolver):
         rows = [jnp.concatenate([w, jnp.zeros((size - w.shape[0],), w.dtype)]) for w in per_order]
         return jnp.stack(rows)[jnp.clip(order, 1, size) - 1]
 
-    def weights(self, c, state, order):
-        """Weights for the log-SNR basis (``c.h`` already made finite by the caller)."""
+    def weights(self, process, c, state, order):
+        if self.basis == "t":
+            return self._time_weights(process, c, state, order)
         nodes = self._s_nodes(c, state)
         per_order = [lagrange_exp_weights(c.h, nodes[:p]) for p in range(1, self.history_size + 2)]
         return self._select(per_order, order)
@@ -138,16 +135,3 @@ class DEIS(AbstractMultistepSolver):
         for p in range(1, self.history_size + 2):
             per_order.append(lagrange_exp_weights(c.h, t_nodes[:p], to_var=to_t))
         return self._select(per_order, order)
-
-    def advance(self, process, t0, t1, x, m, state):
-        if self.basis == "log_snr":
-            return super().advance(process, t0, t1, x, m, state)
-        # the base class's step, with weights that need the process (times of the nodes)
-        order = self.step_order(state, t1)
-        c = prediction_step(process, t0, t1, self.prediction)
-        weights = self._time_weights(process, c._replace(h=safe_step(c, t1)), state, order)
-        values = jnp.concatenate([m[None], state.values]) if self.history_size else m[None]
-        x_high = (c.kappa1 / c.kappa0) * x + c.beta1 * jnp.tensordot(weights.astype(x.dtype), values, axes=1)
-        x0_hat = m if self.prediction == "x0" else _x0_from_eps(process, t0, x, m)
-        x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, x0_hat), x_high)
-        return x1, state.push(m, c.ell0)

@@ -73,7 +73,7 @@ class DPMSolverMultistep(AbstractMultistepSolver):
     def name(self) -> str:
         return f"{'dpmpp' if self.prediction == 'x0' else 'dpm_solver'}_{self.order}m"
 
-    def weights(self, c, state, order):
+    def weights(self, process, c, state, order):
         ells = state.ells
         r0 = (c.ell0 - ells[0]) / c.h if self.history_size >= 1 else jnp.ones_like(c.h)
         r1 = (ells[0] - ells[1]) / c.h if self.history_size >= 2 else jnp.ones_like(c.h)

@@ -199,14 +199,14 @@ class AbstractMultistepSolver(AbstractFastSolver):
         """Step from ``t0`` to ``t1`` given the newest output ``m``; returns ``(x1, state)``."""
         order = self.step_order(state, t1)
         c = prediction_step(process, t0, t1, self.prediction)
-        weights = self.weights(c._replace(h=safe_step(c, t1)), state, order)
+        weights = self.weights(process, c._replace(h=safe_step(c, t1)), state, order)
         values = jnp.concatenate([m[None], state.values]) if self.history_size else m[None]
         x_high = (c.kappa1 / c.kappa0) * x + c.beta1 * jnp.tensordot(weights.astype(x.dtype), values, axes=1)
         x0_hat = m if self.prediction == "x0" else _x0_from_eps(process, t0, x, m)
         x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, x0_hat), x_high)
         return x1, state.push(m, c.ell0)
 
-    def weights(self, c: PredictionStep, state: History, order):
+    def weights(self, process, c: PredictionStep, state: History, order):
         """Weights ``b`` of ``x1 = (kappa1/kappa0) x + beta1 sum_j b_j m_j`` (``m_0`` newest) for
         the traced ``order``, shape ``(history_size + 1,)``."""
         raise NotImplementedError

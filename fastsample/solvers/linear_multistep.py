@@ -167,7 +167,7 @@ class IPNDM(AbstractMultistepSolver):
     max_order: ClassVar[int] = 4
     name: ClassVar[str] = "ipndm"
 
-    def weights(self, c, state, order):
+    def weights(self, process, c, state, order):
         table = jnp.asarray(ADAMS_BASHFORTH[:, : self.history_size + 1], c.h.dtype)
         return -jnp.expm1(-c.h) * table[jnp.clip(order, 1, self.max_order) - 1]
 

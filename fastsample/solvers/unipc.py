@@ -209,7 +209,7 @@ class UniPC(AbstractMultistepSolver):
         _, _, ell0 = prediction_variables(process, t0, self.prediction)
         return x1, _record(state, hist, x, t0, order, ell0)
 
-    def weights(self, c, state: History, order):
+    def weights(self, process, c, state: History, order):
         p = self.order
         hh = -c.h
         g = _bh(hh, self.variant)

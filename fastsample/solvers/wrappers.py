@@ -140,7 +140,7 @@ class _FirstOrder(AbstractMultistepSolver):
 
     name = "ddim"
 
-    def weights(self, c, state, order):
+    def weights(self, process, c, state, order):
         return jnp.stack([-jnp.expm1(-c.h)])
 
 
