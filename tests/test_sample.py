@@ -219,3 +219,16 @@ def test_check_finite_names_the_first_bad_step():
         fs.sample(d, jnp.ones((2, 2)), "ddim", nfe=None, timesteps=ts, check_finite=True)
     x = fs.sample(d, jnp.ones((2, 2)), "ddim", nfe=None, timesteps=ts)  # without the check: NaN
     assert not np.all(np.isfinite(np.asarray(x)))
+
+
+def test_auto_defaults_are_the_benchmarked_choice_and_work_from_pure_noise(x64):
+    from fastsample.sample import default_choice
+
+    assert default_choice(fs.VPDiscrete.ddpm_linear()) == ("ipndm", "ays")
+    assert default_choice(fs.FlowMatching()) == ("unipc_3", "beta")  # t = 1: alpha = 0
+    d = fs.Denoiser(point_model, fs.VPDiscrete.ddpm_linear(), "x0")
+    x_T = fs.prior(d.process, jax.random.PRNGKey(0), (3, 2))
+    np.testing.assert_array_equal(fs.sample(d, x_T, nfe=7), fs.sample(d, x_T, "ipndm", nfe=7, schedule="ays"))
+    flow = fs.Denoiser(point_model, fs.FlowMatching(), "x0")
+    x = fs.sample(flow, jax.random.normal(jax.random.PRNGKey(1), (3, 2)), nfe=6)
+    np.testing.assert_allclose(x, np.broadcast_to(POINT, x.shape), atol=1e-10)  # single point: exact
