@@ -9,7 +9,7 @@ is still exact), so grids that stop at t_min pay for the noise they leave. Final
 nonzero point at EDM sigma ``s``, then a step to sigma = 0). A NaN or a diverged run (RMSE above
 the data scale) is a failure, listed separately, not a row.
 
-    python benchmarks/quality.py [--quick]
+    python benchmarks/quality.py [--quick] [--from-json benchmarks/results/quality.json]
 
 Writes ``benchmarks/results/quality.json``, ``quality.md`` and ``quality_<process>.png``.
 """
@@ -112,14 +112,16 @@ def plot(rows, process, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for solver in sorted({r["solver"] for r in rows if r["process"] == process}):
+    markers = "os^vD<>px*h"
+    for i, solver in enumerate(sorted({r["solver"] for r in rows if r["process"] == process})):
         pts = {}
         for r in rows:
             if r["process"] == process and r["solver"] == solver:
                 pts[r["nfe"]] = min(pts.get(r["nfe"], np.inf), r["rmse"])
         if pts:
             xs = sorted(pts)
-            ax.loglog(xs, [pts[n] for n in xs], marker="o", label=solver)
+            ax.loglog(xs, [pts[n] for n in xs], marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20),
+                      label=solver)
     ax.set_xlabel("NFE")
     ax.set_ylabel("RMSE to the exact sigma=0 endpoint (best schedule)")
     ax.set_title(f"digits mixture, {process}")
@@ -134,15 +136,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="NFE 5 and 10 only")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--from-json", help="re-render the table and plots from an earlier run's JSON")
     args = parser.parse_args(argv)
-    start = time.time()
-    rows, failures = run(args.quick, args.batch)
-    nfes = sorted({r["nfe"] for r in rows})
-    OUT.mkdir(exist_ok=True)
     stem = "quality_quick" if args.quick else "quality"
-    (OUT / f"{stem}.json").write_text(json.dumps(
-        {"benchmark": "quality", "environment": environment(), "seconds": time.time() - start,
-         "rows": rows, "failures": failures}, indent=1))
+    OUT.mkdir(exist_ok=True)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows, failures = saved["rows"], saved["failures"]
+    else:
+        start = time.time()
+        rows, failures = run(args.quick, args.batch)
+        (OUT / f"{stem}.json").write_text(json.dumps(
+            {"benchmark": "quality", "environment": environment(), "seconds": time.time() - start,
+             "rows": rows, "failures": failures}, indent=1))
+    nfes = sorted({r["nfe"] for r in rows})
     md = []
     for process in processes():
         md.append(f"## {process}: best RMSE per solver (schedule, final step)\n")
