@@ -70,6 +70,8 @@ def main(argv=None):
     term = fs.ProbabilityFlowTerm(denoiser)
     for name in fs.available_solvers():
         solver = fs.get_solver(name)
+        if not isinstance(solver, fs.AbstractFastSolver):
+            continue  # adaptive step size: no fixed grid
         try:
             steps = solver.steps_for_nfe(args.nfe)
         except ValueError:

@@ -67,7 +67,7 @@ class ExperimentConfig:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     solvers: list[str] = field(default_factory=lambda: ["euler", "heun", "ddim"])
     nfe: list[int] = field(default_factory=lambda: [5, 10, 20])
-    schedule: str = "logsnr_uniform"
+    schedule: str = "auto"
     schedule_options: dict = field(default_factory=dict)
     num_samples: int = 512
     seed: int = 0

@@ -54,6 +54,8 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
     if nfe is None:
         raise ValueError("give either `nfe` or explicit `timesteps`.")
     options = dict(schedule_options or {})
+    if schedule == "auto":
+        schedule = default_choice(process, options.get("t_start"))[1]
     # A range that already ends at t = 0 (flow matching's default t_min) needs no appended zero.
     t_end = options.get("t_end", process.t_min)
     ends_at_zero = bool(final_zero) or t_end == 0
@@ -65,7 +67,8 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
 def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> None:
     """Refuse grids a solver cannot start on (see ``AbstractFastSolver.needs_finite_start``)."""
     if solver.needs_finite_start and not isinstance(ts, jax.core.Tracer):
-        if not np.isfinite(float(process.log_snr(jnp.asarray(ts[0])))):
+        lam = _concrete_log_snr(process, ts[0])
+        if lam is not None and not np.isfinite(lam):
             raise ValueError(
                 f"{solver.name} needs a grid that starts at a finite log-SNR (alpha > 0); ts[0]={float(ts[0])} "
                 f"is pure noise for {type(process).__name__}: start slightly below it "
@@ -108,9 +111,19 @@ PURE_NOISE_SOLVER, PURE_NOISE_SCHEDULE = "unipc_3", "beta"
 def default_choice(process: AbstractProcess, t_start=None) -> tuple[str, str]:
     """The ``(solver, schedule)`` that ``solver="auto"`` / ``schedule="auto"`` resolve to."""
     t0 = process.t_max if t_start is None else t_start
-    if np.isfinite(float(process.log_snr(jnp.asarray(t0)))):
+    lam = _concrete_log_snr(process, t0)
+    if lam is None or np.isfinite(lam):
         return DEFAULT_SOLVER, DEFAULT_SCHEDULE
     return PURE_NOISE_SOLVER, PURE_NOISE_SCHEDULE
+
+
+def _concrete_log_snr(process: AbstractProcess, t) -> float | None:
+    """``log_snr(t)`` as a Python float, also inside a caller's ``jit``; ``None`` if traced."""
+    try:
+        with jax.ensure_compile_time_eval():
+            return float(process.log_snr(jnp.asarray(t)))
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def sample(
@@ -154,10 +167,8 @@ def sample(
     """
     if not isinstance(denoiser, Denoiser):
         raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
-    if solver == "auto" or schedule == "auto":
-        auto_solver, auto_schedule = default_choice(denoiser.process, (schedule_options or {}).get("t_start"))
-        solver = auto_solver if solver == "auto" else solver
-        schedule = auto_schedule if schedule == "auto" else schedule
+    if solver == "auto":
+        solver = default_choice(denoiser.process, (schedule_options or {}).get("t_start"))[0]
     solver = get_solver(solver, **(solver_options or {}))
     x_T = jnp.asarray(x_T)
     if isinstance(solver, DPMSolverAdaptive):

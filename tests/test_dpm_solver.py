@@ -35,7 +35,8 @@ def test_convergence_order(x64, ring_problem, name, order):
     p, d, x_T, ref = ring_problem
     s = fs.get_solver(name)
     steps = np.array([16, 32, 64, 128])
-    errors = [float(jnp.sqrt(jnp.mean((fs.sample(d, x_T, s, nfe=s.nfe(int(n))) - ref) ** 2))) for n in steps]
+    errors = [float(jnp.sqrt(jnp.mean((fs.sample(d, x_T, s, nfe=s.nfe(int(n)), schedule="logsnr_uniform") - ref) ** 2)))
+              for n in steps]
     assert abs(_order(errors, steps) - order) < 0.35, errors
 
 
@@ -121,7 +122,8 @@ def test_dpmpp_2m_matches_the_published_update(x64, ring_problem):
             D = (1 + 1 / (2 * r)) * m - 1 / (2 * r) * ms[-1]
         x = (s1 / s0) * x - a1 * (np.exp(-h) - 1) * D
         ms.append(m)
-    np.testing.assert_allclose(fs.sample(d, x_T, "dpmpp_2m", nfe=6), x, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(fs.sample(d, x_T, "dpmpp_2m", nfe=6, schedule="logsnr_uniform"), x, rtol=1e-11,
+                               atol=1e-11)
 
 
 def test_phi_functions_are_accurate_near_zero(x64):

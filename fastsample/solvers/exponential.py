@@ -199,11 +199,19 @@ class AbstractMultistepSolver(AbstractFastSolver):
         """Step from ``t0`` to ``t1`` given the newest output ``m``; returns ``(x1, state)``."""
         order = self.step_order(state, t1)
         c = prediction_step(process, t0, t1, self.prediction)
-        weights = self.weights(process, c._replace(h=safe_step(c, t1)), state, order)
-        values = jnp.concatenate([m[None], state.values]) if self.history_size else m[None]
-        x_high = (c.kappa1 / c.kappa0) * x + c.beta1 * jnp.tensordot(weights.astype(x.dtype), values, axes=1)
-        x0_hat = m if self.prediction == "x0" else _x0_from_eps(process, t0, x, m)
-        x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, x0_hat), x_high)
+        w = self.weights(process, c._replace(h=safe_step(c, t1)), state, order)
+        if self.prediction == "x0":
+            # In data-prediction variables order 1 is DDIM itself, finite also for h = inf
+            # (sigma1 = 0): select its weights as scalars, so the update stays one fused expression.
+            first = jnp.zeros_like(w).at[0].set(-jnp.expm1(-c.h))
+            w = jnp.where(order == 1, first, w)
+        w = w.astype(x.dtype)
+        combo = w[0] * m
+        for j in range(self.history_size):
+            combo = combo + w[j + 1] * state.values[j]
+        x1 = (c.kappa1 / c.kappa0) * x + c.beta1 * combo
+        if self.prediction == "eps":  # here order 1 must use the data-prediction form (sigma1 = 0)
+            x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, _x0_from_eps(process, t0, x, m)), x1)
         return x1, state.push(m, c.ell0)
 
     def weights(self, process, c: PredictionStep, state: History, order):
