@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._compat import is_traced
 from .denoisers import Denoiser
 from .sample import SampleInfo, _scan_sample, check_start, resolve_grid, sample
 from .solvers import AbstractFastSolver, get_solver
@@ -54,7 +55,7 @@ def _check_increasing(process, ts, name: str = "timesteps") -> None:
 def _inversion_grid(solver, process, nfe, schedule, timesteps, schedule_options):
     """The increasing inversion grid and its step count."""
     if timesteps is not None:
-        if not isinstance(timesteps, jax.core.Tracer):
+        if not is_traced(timesteps):
             _check_increasing(process, timesteps)
         steps = int(np.shape(timesteps)[0]) - 1
         if steps < solver.min_steps():

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._compat import is_traced
 from .denoisers import Denoiser
 from .processes import AbstractProcess
 from .solvers import AbstractFastSolver, DPMSolverAdaptive, get_solver
@@ -39,7 +40,7 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
     """The time grid, step count and whether the grid ends at ``t = 0``, for a solver at a budget
     of ``nfe`` model evaluations, or for explicit ``timesteps``."""
     if timesteps is not None:
-        if isinstance(timesteps, jax.core.Tracer):
+        if is_traced(timesteps):
             steps, ends_at_zero = timesteps.shape[0] - 1, bool(final_zero)
         else:
             process.check_times(timesteps, name="timesteps")
@@ -66,7 +67,7 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
 
 def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> None:
     """Refuse grids a solver cannot start on (see ``AbstractFastSolver.needs_finite_start``)."""
-    if solver.needs_finite_start and not isinstance(ts, jax.core.Tracer):
+    if solver.needs_finite_start and not is_traced(ts):
         lam = _concrete_log_snr(process, ts[0])
         if lam is not None and not np.isfinite(lam):
             raise ValueError(
@@ -202,7 +203,7 @@ def _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_opti
     budget = None if nfe is None else nfe - (1 if final_zero else 0)
     result = _adaptive(solver, denoiser, x_T, jnp.asarray(t0, x_T.dtype), jnp.asarray(t1, x_T.dtype), cond,
                        budget, final_zero)
-    if not isinstance(result.reached, jax.core.Tracer) and not bool(result.reached):
+    if not is_traced(result.reached) and not bool(result.reached):
         raise ValueError(
             f"dpm_solver_adaptive did not reach t_end={t1} within nfe={nfe} model evaluations: pass nfe=None "
             f"(no cap), a larger nfe, or a larger rtol (now {solver.rtol})."
@@ -211,7 +212,7 @@ def _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_opti
         return result.x
     used = result.nfe + (1 if final_zero else 0)
     grid = jnp.asarray([t0, 0.0 if final_zero else t1])
-    if not isinstance(used, jax.core.Tracer):
+    if not is_traced(used):
         used, steps = int(used), int(result.steps) + (1 if final_zero else 0)
     else:
         steps = result.steps

@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from .._compat import is_traced
 from ..denoisers import Denoiser
 
 _KINDS = ("isotropic", "diagonal", "full")
 
 
 def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return is_traced(x)
 
 
 def _float_dtype(*dtypes):
