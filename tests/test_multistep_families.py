@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import counting
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
@@ -201,21 +202,11 @@ SOLVERS = {
 }
 
 
-def _counting(model):
-    calls = []
-
-    def counted(x, t, cond):
-        jax.debug.callback(lambda: calls.append(1))
-        return model(x, t, cond)
-
-    return counted, calls
-
-
 @pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("final_zero", [False, True])
 def test_reported_nfe_equals_model_calls(name, final_zero):
     solver = SOLVERS[name]
-    model, calls = _counting(lambda x, t, c: 0.5 * x)
+    model, calls = counting(lambda x, t, c: 0.5 * x)
     d = fs.Denoiser(model, fs.EDM(), "x0")
     for steps in ((1, 2, 3, 5) if name == "pndm" else (1, 4)):
         nfe = solver.nfe(steps, final_zero)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import counting
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
@@ -134,21 +135,11 @@ def test_euler_in_edm_variables_equals_ddim(x64):
     np.testing.assert_allclose(y * p.alpha(p.t_min), x_ddim, rtol=1e-9, atol=1e-9)
 
 
-def _counting(model):
-    calls = []
-
-    def counted(x, t, cond):
-        jax.debug.callback(lambda: calls.append(1))
-        return model(x, t, cond)
-
-    return counted, calls
-
-
 @pytest.mark.parametrize("solver", ["euler", "heun", "ddim"])
 @pytest.mark.parametrize("final_zero", [False, True])
 def test_reported_nfe_equals_model_calls(solver, final_zero):
     p = fs.EDM()
-    model, calls = _counting(lambda x, t, c: 0.5 * x)
+    model, calls = counting(lambda x, t, c: 0.5 * x)
     d = fs.Denoiser(model, p, "x0")
     s = fs.get_solver(solver)
     for steps in (1, 3, 4):

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import counting
 
 import fastsample as fs
 from fastsample.inversion import BDIADDIM, bdia_invert, bdia_sample, invert
@@ -130,19 +131,9 @@ def test_eps_scaling_closed_form(x64):
     np.testing.assert_allclose(x1, a1 * (x - s0 * eps) / a0 + s1 * eps, rtol=1e-12, atol=1e-12)
 
 
-def _counting(model):
-    calls = []
-
-    def counted(x, t, cond):
-        jax.debug.callback(lambda: calls.append(1))
-        return model(x, t, cond)
-
-    return counted, calls
-
-
 def test_reported_nfe_equals_model_calls():
     p = fs.EDM()
-    model, calls = _counting(lambda x, t, c: 0.5 * x)
+    model, calls = counting(lambda x, t, c: 0.5 * x)
     d = fs.Denoiser(model, p, "x0")
     x = jnp.ones((2, 2))
     cases = [
