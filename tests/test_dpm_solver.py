@@ -227,3 +227,18 @@ def test_adaptive_reports_the_model_calls_it_made_and_its_budget():
     assert info.nfe == len(calls) > 0 and np.all(np.isfinite(np.asarray(x)))
     with pytest.raises(ValueError, match=r"did not reach t_end=0.001 within nfe=6 model evaluations"):
         fs.sample(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=6)
+
+
+def test_convergence_order_on_the_64d_digits_mixture(x64):
+    """The same orders in 64-D (diagonal digits mixture under VPLinear, uniform log-SNR grid).
+    Its sharp components put the asymptotic regime at 64..256 steps."""
+    p = fs.VPLinear()
+    d = GaussianMixture.digits(covariance="diag").denoiser(p)
+    x_T = fs.prior(p, jax.random.PRNGKey(0), (32, 64))
+    ref = fs.reference_solve(d, x_T)
+    steps = np.array([64, 128, 256])
+    for name, order in [("ddim", 1), ("dpmpp_2m", 2), ("dpm_solver_3", 3)]:
+        s = fs.get_solver(name)
+        errors = [float(jnp.sqrt(jnp.mean((fs.sample(d, x_T, s, nfe=s.nfe(int(n)), schedule="logsnr_uniform")
+                                           - ref) ** 2))) for n in steps]
+        assert abs(_order(errors, steps) - order) < 0.35, (name, errors)
