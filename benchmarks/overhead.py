@@ -69,7 +69,10 @@ def main(argv=None):
 
     term = fs.ProbabilityFlowTerm(denoiser)
     for name in fs.available_solvers():
-        solver = fs.get_solver(name)
+        try:
+            solver = fs.get_solver(name)
+        except ValueError:
+            continue  # needs options (dpm_solver_v3: estimated statistics)
         if not isinstance(solver, fs.AbstractFastSolver):
             continue  # adaptive step size: no fixed grid
         try:
