@@ -1,7 +1,7 @@
 """DPM-Solver-v3 (Zheng, Lu, Chen, Zhu: Improved Diffusion ODE Solver with Empirical Model
 Statistics, NeurIPS 2023): the multistep predictor.
 
-With the EMS ``l, s, b`` (see :mod:`fastsample.learned.ems`, which also states the scaling used
+With the EMS ``l, s, b`` (see :mod:`fastsample.solvers.ems`, which also states the scaling used
 here), the exact solution from ``lambda_s`` to ``lambda_t`` is
 
     x_t = (sigma_t / sigma_s) e^{L_t - L_s} x_s
@@ -11,7 +11,7 @@ here), the exact solution from ``lambda_s`` to ``lambda_t`` is
 with ``L = int l``, ``S(lambda) = int_{lambda_s}^lambda s`` and ``B(lambda) = int_{lambda_s}^lambda
 e^{-S} b``. The local approximation of order ``n`` replaces ``g`` by its Taylor polynomial of
 degree ``n - 1`` at ``lambda_s`` whose derivatives solve the linear system given by the ``n - 1``
-earlier values of ``g`` (multistep; cf. the paper's local approximation and its coefficients, Eq. (8)); the integrals of
+earlier values of ``g`` (multistep; the paper's local approximation, its Eq. (8)); the integrals of
 ``w e^S (lambda - lambda_s)^k / k!`` and ``w e^S B`` are computed by Gauss-Legendre quadrature of the
 grid's cumulative EMS integrals interpolated linearly in lambda.
 
@@ -22,6 +22,9 @@ With ``corrector=True`` (the paper's multistep predictor-corrector, still one mo
 step): the output at the predicted point ``x~_i`` is added to the points of the local
 approximation of the step ``lambda_{i-1} -> lambda_i``, which is recomputed from ``x_{i-1}`` before
 the next predictor step (no correction after the last step). Not implemented: the pseudo-order.
+
+The scaling of the statistics and this solution formula were derived here from the paper's
+construction; numerical parity with the authors' implementation has not been checked.
 """
 
 from __future__ import annotations
