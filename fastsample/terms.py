@@ -34,6 +34,10 @@ class ProbabilityFlowTerm(diffrax.AbstractTerm):
             raise ValueError(f"time must be 't' or 'log_snr'; got {self.time!r}.")
 
     def vf(self, t, y, args):
+        return self.x0_and_drift(t, y, args)[1]
+
+    def x0_and_drift(self, t, y, args):
+        """The data prediction and the drift, from one model evaluation."""
         process = self.denoiser.process
         t = jnp.asarray(t, dtype=y.dtype)
         if self.time == "t":
@@ -42,7 +46,7 @@ class ProbabilityFlowTerm(diffrax.AbstractTerm):
             a, s, da, ds = process.derivatives_in_log_snr(t)
             t = process.t_from_log_snr(t)
         x0 = self.denoiser(y, t, args)
-        return da * x0 + ds * (y - a * x0) / s
+        return x0, da * x0 + ds * (y - a * x0) / s
 
     def contr(self, t0, t1, **kwargs):
         return t1 - t0

@@ -129,6 +129,16 @@ class History(NamedTuple):
             jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32), jnp.asarray(t_end, x.dtype),
         )
 
+    def order_for(self, max_order: int, lower_order_final: bool, t1):
+        """The order of the coming step (traced): ``max_order`` limited by the warm-up
+        (``count + 1``), by lower-order-final (at most ``n - i`` on grids under 15 steps, diffusers'
+        rule; only when the step count is known) and to 1 on a step to ``t = 0``."""
+        order = jnp.minimum(max_order, self.count + 1)
+        if lower_order_final:
+            short = (self.num_steps >= 0) & (self.num_steps < 15)
+            order = jnp.where(short, jnp.minimum(order, self.num_steps - self.step), order)
+        return jnp.where(t1 == 0, 1, order)
+
     def push(self, value, ell) -> History:
         """Record ``value`` produced at ``ell``. An output at infinite ``ell`` (pure noise,
         ``alpha = 0``) is infinitely far from every later point and carries no information
@@ -180,13 +190,8 @@ class AbstractMultistepSolver(AbstractFastSolver):
         return History.empty(self.history_size, x, t_end, num_steps)
 
     def step_order(self, state: History, t1):
-        """The order used by the coming step (traced): warm-up, lower-order-final, ``sigma = 0``."""
-        order = jnp.minimum(self.order, state.count + 1)
-        if self.lower_order_final:
-            remaining = state.num_steps - state.step
-            short = (state.num_steps >= 0) & (state.num_steps < 15)
-            order = jnp.where(short, jnp.minimum(order, remaining), order)
-        return jnp.where(t1 == 0, 1, order)
+        """The order used by the coming step (see :meth:`History.order_for`)."""
+        return state.order_for(self.order, self.lower_order_final, t1)
 
     def evaluate(self, denoiser, t0, x, cond):
         """The model output this solver works with (one NFE)."""

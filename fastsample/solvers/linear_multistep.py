@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..terms import ProbabilityFlowTerm
 from .base import AbstractFastSolver
 from .exponential import AbstractMultistepSolver, History, ddim_step, prediction_step
 
@@ -43,25 +44,6 @@ ADAMS_BASHFORTH = np.array([
 # Gauss-Legendre on [0, 1] with 4 nodes: exact for the cubic Lagrange basis of LMS-4
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(4)
 _S, _W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
-
-
-def _step_order(order: int, lower_order_final: bool, state: History, t1):
-    """Warm-up (``count + 1``), optional lower-order-final (``n - i`` on grids under 15 steps)
-    and order 1 on a step to ``t = 0``; the rule of :class:`AbstractMultistepSolver`."""
-    k = jnp.minimum(order, state.count + 1)
-    if lower_order_final:
-        short = (state.num_steps >= 0) & (state.num_steps < 15)
-        k = jnp.where(short, jnp.minimum(k, state.num_steps - state.step), k)
-    return jnp.where(t1 == 0, 1, k)
-
-
-def _x0_and_drift(denoiser, t, x, cond):
-    """The data prediction and the PF-ODE drift ``alpha' x0 + sigma' eps`` from one evaluation
-    (the arithmetic of :meth:`ProbabilityFlowTerm.vf`, so ``LMS(order=1)`` is ``euler``)."""
-    t = jnp.asarray(t, dtype=x.dtype)
-    a, s, da, ds = denoiser.process.derivatives(t)
-    x0 = denoiser(x, t, cond)
-    return x0, da * x0 + ds * (x - a * x0) / s
 
 
 def _eps_transfer(process, t0, t1, x, eps):
@@ -127,8 +109,8 @@ class LMS(AbstractFastSolver):
 
     def update(self, denoiser, t0, t1, x, cond, state):
         process = denoiser.process
-        x0, d = _x0_and_drift(denoiser, t0, x, cond)
-        order = _step_order(self.order, self.lower_order_final, state, t1)
+        x0, d = ProbabilityFlowTerm(denoiser).x0_and_drift(t0, x, cond)
+        order = state.order_for(self.order, self.lower_order_final, t1)
         x_euler = x + (t1 - t0) * d
         if self.order > 1:
             coef = self.coefficients(t0, t1, state, order).astype(x.dtype)
