@@ -3,7 +3,7 @@
 The public API is re-exported here; everything else is private.
 """
 
-from . import models, processes, solvers, timesteps
+from . import data, learned, metrics, models, processes, solvers, timesteps
 from .denoisers import Denoiser, Thresholding, convert_prediction
 from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
 from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
@@ -37,6 +37,9 @@ __all__ = [
     "convert_prediction",
     "get_solver",
     "get_timesteps",
+    "data",
+    "learned",
+    "metrics",
     "models",
     "prior",
     "processes",
