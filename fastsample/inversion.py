@@ -64,7 +64,7 @@ def _inversion_grid(solver, process, nfe, schedule, timesteps, schedule_options)
         if nfe is not None and nfe != used:
             raise ValueError(f"nfe={nfe} disagrees with the {steps}-step timesteps given ({used} NFE).")
         return jnp.asarray(timesteps), steps
-    ts, steps, ends_at_zero = resolve_grid(solver, process, nfe, schedule, None, False, schedule_options)
+    _, ts, steps, ends_at_zero = resolve_grid(solver, process, nfe, schedule, None, False, schedule_options)
     if ends_at_zero:
         raise ValueError("invert needs a grid that starts at t > 0; this schedule's range ends at t = 0 "
                          "(pass schedule_options=dict(t_end=...) with t_end > 0).")
@@ -208,7 +208,7 @@ def bdia_invert(
     if isinstance(gamma, (int, float)) and not gamma > 0:
         raise ValueError(f"bdia_invert needs gamma > 0; got {gamma}.")
     x_second_last = jnp.asarray(x_second_last)
-    ts, steps, _ = resolve_grid(BDIADDIM(gamma), denoiser.process, nfe, schedule, timesteps, final_zero,
+    _, ts, steps, _ = resolve_grid(BDIADDIM(gamma), denoiser.process, nfe, schedule, timesteps, final_zero,
                                 schedule_options)
     ts = ts.astype(x_second_last.dtype)
     rev = ts[::-1]

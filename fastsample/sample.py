@@ -37,8 +37,9 @@ def prior(process: AbstractProcess, key, shape, dtype=None):
 
 def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, schedule, timesteps,
                  final_zero: bool, schedule_options: dict | None):
-    """The time grid, step count and whether the grid ends at ``t = 0``, for a solver at a budget
-    of ``nfe`` model evaluations, or for explicit ``timesteps``."""
+    """``(solver, ts, steps, ends_at_zero)``: the solver configured for the budget, the time grid,
+    the step count and whether the grid ends at ``t = 0``, for a budget of ``nfe`` model
+    evaluations or for explicit ``timesteps``."""
     if timesteps is not None:
         if is_traced(timesteps):
             steps, ends_at_zero = timesteps.shape[0] - 1, bool(final_zero)
@@ -51,7 +52,7 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
         used = solver.nfe(steps, ends_at_zero)
         if nfe is not None and nfe != used:
             raise ValueError(f"nfe={nfe} disagrees with the {steps}-step timesteps given ({used} NFE).")
-        return jnp.asarray(timesteps), steps, ends_at_zero
+        return solver, jnp.asarray(timesteps), steps, ends_at_zero
     if nfe is None:
         raise ValueError("give either `nfe` or explicit `timesteps`.")
     options = dict(schedule_options or {})
@@ -60,9 +61,12 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
     # A range that already ends at t = 0 (flow matching's default t_min) needs no appended zero.
     t_end = options.get("t_end", process.t_min)
     ends_at_zero = bool(final_zero) or t_end == 0
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer; got {nfe!r}.")
+    solver = solver.for_budget(nfe, ends_at_zero)
     steps = solver.steps_for_nfe(nfe, ends_at_zero)
     ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
-    return ts, steps, ends_at_zero
+    return solver, ts, steps, ends_at_zero
 
 
 def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> None:
@@ -176,7 +180,7 @@ def sample(
         if return_trajectory or timesteps is not None:
             raise ValueError("dpm_solver_adaptive chooses its own steps: no `timesteps`, no trajectory.")
         return _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_options, return_info)
-    ts, steps, ends_at_zero = resolve_grid(
+    solver, ts, steps, ends_at_zero = resolve_grid(
         solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
     )
     check_start(solver, denoiser.process, ts)

@@ -242,3 +242,36 @@ def test_convergence_order_on_the_64d_digits_mixture(x64):
         errors = [float(jnp.sqrt(jnp.mean((fs.sample(d, x_T, s, nfe=s.nfe(int(n)), schedule="logsnr_uniform")
                                            - ref) ** 2))) for n in steps]
         assert abs(_order(errors, steps) - order) < 0.35, (name, errors)
+
+
+def test_dpm_solver_fast_spends_any_budget_exactly(x64, ring_problem):
+    from fastsample.solvers import DPMSolverSinglestep
+    from fastsample.solvers.dpm_solver import fast_orders
+
+    assert fast_orders(3, 9) == (3, 3, 2, 1) and fast_orders(3, 10) == (3, 3, 3, 1)
+    assert fast_orders(3, 11) == (3, 3, 3, 2) and fast_orders(2, 7) == (2, 2, 2, 1)
+    p, d, x_T, _ = ring_problem
+    x, info = fs.sample(d, x_T, "dpm_solver_fast", nfe=11, schedule="logsnr_uniform", return_info=True)
+    assert (info.nfe, info.steps) == (11, 4)
+    # the same as chaining singlestep steps of orders 3, 3, 3, 2 on the same grid
+    ts, y = info.timesteps, x_T
+    for i, k in enumerate((3, 3, 3, 2)):
+        y, _ = DPMSolverSinglestep(order=k, prediction="eps").update(d, ts[i], ts[i + 1], y, None, None)
+    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("final_zero", [False, True])
+def test_dpm_solver_fast_model_calls(final_zero):
+    from _helpers import counting
+
+    model, calls = counting(lambda x, t, c: 0.5 * x)
+    d = fs.Denoiser(model, fs.VPLinear(), "x0")
+    for nfe in (1, 4, 8, 10):
+        calls.clear()
+        x, info = fs.sample(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=nfe, final_zero=final_zero,
+                            return_info=True)
+        x.block_until_ready()
+        jax.effects_barrier()
+        assert info.nfe == nfe == len(calls) and np.all(np.isfinite(np.asarray(x)))
+    with pytest.raises(ValueError, match="dpm_solver_fast is configured for 0 steps"):
+        fs.sample(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=None, timesteps=jnp.array([1.0, 0.5, 0.1]))

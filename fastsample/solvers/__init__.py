@@ -6,7 +6,7 @@ import functools
 
 from .base import AbstractFastSolver
 from .deis import DEIS
-from .dpm_solver import DPMSolverAdaptive, DPMSolverMultistep, DPMSolverSinglestep
+from .dpm_solver import DPMSolverAdaptive, DPMSolverFast, DPMSolverMultistep, DPMSolverSinglestep
 from .dpm_solver_v3 import DPMSolverV3
 from .exponential import DDIM
 from .linear_multistep import IPNDM, LMS, PNDM
@@ -25,6 +25,7 @@ SOLVERS = {
     "dpm_solver_2": _p(DPMSolverSinglestep, order=2, prediction="eps"),
     "dpm_solver_3": _p(DPMSolverSinglestep, order=3, prediction="eps"),
     "dpm_solver_adaptive": DPMSolverAdaptive,
+    "dpm_solver_fast": DPMSolverFast,
     "dpm_solver_v3": DPMSolverV3,  # needs ems=fastsample.learned.estimate_ems(...)
     "dpmpp_2s": _p(DPMSolverSinglestep, order=2, prediction="x0"),
     "dpmpp_3s": _p(DPMSolverSinglestep, order=3, prediction="x0"),
@@ -67,6 +68,7 @@ __all__ = [
     "LMS",
     "PNDM",
     "DPMSolverAdaptive",
+    "DPMSolverFast",
     "DPMSolverMultistep",
     "DPMSolverSinglestep",
     "DPMSolverV3",

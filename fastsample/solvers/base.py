@@ -57,6 +57,11 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     def min_steps(self) -> int:
         return 1
 
+    def for_budget(self, nfe: int, final_zero: bool = False) -> AbstractFastSolver:
+        """This solver configured for a budget of ``nfe`` evaluations (solvers whose per-step
+        orders depend on the budget override it; the others are budget-free)."""
+        return self
+
     def steps_for_nfe(self, nfe: int, final_zero: bool = False) -> int:
         """The number of steps that uses exactly ``nfe`` model evaluations, or a ``ValueError``."""
         if not isinstance(nfe, int) or isinstance(nfe, bool):

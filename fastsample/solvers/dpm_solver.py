@@ -24,7 +24,14 @@ from .exponential import (
     prediction_variables,
 )
 
-__all__ = ["AdaptiveResult", "DPMSolverAdaptive", "DPMSolverMultistep", "DPMSolverSinglestep"]
+__all__ = [
+    "AdaptiveResult",
+    "DPMSolverAdaptive",
+    "DPMSolverFast",
+    "DPMSolverMultistep",
+    "DPMSolverSinglestep",
+    "fast_orders",
+]
 
 
 def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int, d2_factor: float = 1.0):
@@ -156,6 +163,71 @@ class DPMSolverSinglestep(AbstractFastSolver):
         x2 = x2 + b2 * (r2 / r1) * (r2 * h * phi(2, -r2 * h)) * (m1 - m0)
         m2 = denoiser.predict(x2, ts2, cond, target=pred)
         return first + (c.beta1 / r2) * (h * phi(2, -h)) * (m2 - m0), second
+
+
+def fast_orders(order: int, nfe: int) -> tuple[int, ...]:
+    """DPM-Solver's allocation of a budget of ``nfe`` evaluations to singlestep orders (Lu et al.
+    2022, Sec. 3.4): as many order-``order`` steps as fit, and one or two lower-order steps last."""
+    if nfe <= 0:
+        return ()
+    if order == 3:
+        k = nfe // 3 + 1
+        tail = {0: (2, 1), 1: (1,), 2: (2,)}[nfe % 3]
+        return (3,) * (k - len(tail)) + tail
+    if order == 2:
+        return (2,) * (nfe // 2) + ((1,) if nfe % 2 else ())
+    return (1,) * nfe
+
+
+class DPMSolverFast(AbstractFastSolver):
+    """DPM-Solver-fast (k-diffusion's ``dpm_fast``): singlestep DPM-Solver whose per-step orders
+    spend any budget exactly (:func:`fast_orders`); with ``final_zero`` the last step, onto
+    ``sigma = 0``, is first order. Configured for a budget by :meth:`for_budget` (``sample``
+    does it); noise prediction by default, as in the paper."""
+
+    order: int = eqx.field(static=True, default=3)
+    prediction: str = eqx.field(static=True, default="eps")
+    orders: tuple[int, ...] = eqx.field(static=True, default=())
+
+    def __check_init__(self):
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"dpm_solver_fast order must be 1, 2 or 3; got {self.order}.")
+
+    @property
+    def name(self) -> str:
+        return "dpm_solver_fast"
+
+    @property
+    def needs_finite_start(self) -> bool:
+        return True
+
+    def for_budget(self, nfe, final_zero=False):
+        orders = fast_orders(self.order, nfe - 1) + (1,) if final_zero else fast_orders(self.order, nfe)
+        return DPMSolverFast(self.order, self.prediction, orders)
+
+    def nfe(self, num_steps, final_zero=False):
+        if num_steps != len(self.orders):
+            raise ValueError(f"dpm_solver_fast is configured for {len(self.orders)} steps (orders {self.orders}); "
+                             f"got {num_steps}: give it an NFE budget (sample(..., nfe=N)).")
+        return sum(self.orders)
+
+    def steps_for_nfe(self, nfe, final_zero=False):
+        return len(self.for_budget(nfe, final_zero).orders)
+
+    def init_state(self, denoiser, x, cond, t_end, num_steps):
+        return jnp.asarray(0, jnp.int32)  # the step index selects the step's order
+
+    def update(self, denoiser, t0, t1, x, cond, state):
+        if not self.orders:
+            raise ValueError("dpm_solver_fast needs an NFE budget: pass nfe to sample (not only timesteps).")
+        branches = [
+            lambda k=k: DPMSolverSinglestep(order=k, prediction=self.prediction).update(
+                denoiser, t0, t1, x, cond, None)[0]
+            for k in (1, 2, 3)
+        ]
+        order = jnp.asarray(self.orders, jnp.int32)[jnp.minimum(state, len(self.orders) - 1)]
+        # lax.switch on an unbatched index: only the selected order's evaluations run
+        return jax.lax.switch(order - 1, branches), state + 1
 
 
 class AdaptiveResult(NamedTuple):
