@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["is_traced"]
+__all__ = ["as_float", "is_traced"]
 
 
 def is_traced(x) -> bool:
@@ -19,3 +20,9 @@ def is_traced(x) -> bool:
         return False
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return True
+
+
+def as_float(x):
+    """``x`` as a JAX array of a floating dtype (integers become the default float)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))

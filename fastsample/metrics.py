@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._compat import as_float as _as_float
 from .denoisers import Denoiser
 from .terms import ProbabilityFlowTerm
 
@@ -30,9 +31,6 @@ __all__ = [
 ]
 
 
-def _as_float(x):
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
 
 
 def _as_2d(x, name):

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._compat import as_float as _float
+
 __all__ = [
     "AbstractProcess",
     "VPLinear",
@@ -30,9 +32,6 @@ __all__ = [
 ]
 
 
-def _float(t):
-    t = jnp.asarray(t)
-    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.result_type(float))
 
 
 def _vp_log_alpha(lam):
@@ -105,11 +104,6 @@ class AbstractProcess(eqx.Module):
         a, da = jax.jvp(lambda l: self.alpha(self.t_from_log_snr(l)), (lam,), (ones,))
         s, ds = jax.jvp(lambda l: self.sigma(self.t_from_log_snr(l)), (lam,), (ones,))
         return a, s, da, ds
-
-    def prior_std(self) -> float:
-        """Standard deviation of the prior ``x_T ~ N(0, sigma(t_max)^2 I)`` (``alpha(t_max) x_0`` is
-        treated as negligible, as every sampler does)."""
-        return float(self.sigma(self.t_max))
 
     def check_times(self, ts, *, allow_zero: bool = True, name: str = "grid"):
         """Raise ``ValueError`` unless ``ts`` (concrete) is strictly decreasing and inside

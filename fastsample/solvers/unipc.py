@@ -153,10 +153,9 @@ def unic_correct(process, prediction: str, variant: str, scale, t0, x, m, cs: Co
     return jnp.where(on, (1.0 - scale) * x + scale * x_full, x)
 
 
-def _record(cs: CorrectorState, hist: History, x, t0, order, ell0) -> CorrectorState:
-    """The corrector state after a step from ``(x, t0)`` of ``order``, whose output (made at
-    ``ell0``) ``hist`` has just received (``History.push`` restarts the count after an output at
-    infinite ``ell``)."""
+def _record(cs: CorrectorState, hist: History, x, t0, order) -> CorrectorState:
+    """The corrector state after a step from ``(x, t0)`` of ``order``, whose output ``hist`` has
+    just received (``History.push`` restarts the count after an output at infinite ``ell``)."""
     return CorrectorState(hist, x, jnp.asarray(t0, cs.t_prev.dtype), jnp.asarray(order, jnp.int32))
 
 
@@ -206,8 +205,7 @@ class UniPC(AbstractMultistepSolver):
             x = unic_correct(process, self.prediction, self.variant, self.corrector_scale, t0, x, m, state)
         order = self.step_order(state.hist, t1)
         x1, hist = super().advance(process, t0, t1, x, m, state.hist)
-        _, _, ell0 = prediction_variables(process, t0, self.prediction)
-        return x1, _record(state, hist, x, t0, order, ell0)
+        return x1, _record(state, hist, x, t0, order)
 
     def weights(self, process, c, state: History, order):
         p = self.order
@@ -259,4 +257,4 @@ class UniC(AbstractWrapper):
         order = base.step_order(cs.hist, t1)
         x1, base_state = base.advance(process, t0, t1, x, m, state.base)
         _, _, ell0 = prediction_variables(process, t0, base.prediction)
-        return x1, UniCState(base_state, _record(cs, cs.hist.push(m, ell0), x, t0, order, ell0))
+        return x1, UniCState(base_state, _record(cs, cs.hist.push(m, ell0), x, t0, order))
