@@ -441,18 +441,22 @@ def _check_counts(n: int, num_train: int, schedule: str):
         )
 
 
-def leading_indices(num_train_timesteps: int, n: int, steps_offset: int = 0) -> np.ndarray:
+def leading_indices(num_train_timesteps: int, n: int, steps_offset: int = 0, drop_zero: bool = False) -> np.ndarray:
     """diffusers' ``leading`` spacing: ``arange(0, n) * (N // n) + steps_offset``, reversed
     (DDIM/Stable Diffusion; Lin et al., "Common Diffusion Noise Schedules and Sample Steps are
-    Flawed", 2024, Table 2). N=1000, n=10: ``[900, 800, ..., 0]``."""
+    Flawed", 2024, Table 2). N=1000, n=10: ``[900, 800, ..., 0]``. ``drop_zero=True``: the
+    variant of diffusers' DPM-Solver / UniPC / DEIS schedulers, ``n + 1`` points
+    ``arange(0, n + 1) * (N // (n + 1))`` with the 0 dropped (N=1000, n=10: ``[900, 810, ..., 90]``)."""
     _check_counts(n, num_train_timesteps, "leading")
+    drop_zero = _check_flag("leading", "drop_zero", drop_zero)
     try:
         so = None if isinstance(steps_offset, bool) else operator.index(steps_offset)
     except TypeError:
         so = None
     if so is None or so < 0:
         raise ValueError(f"leading: steps_offset must be an integer >= 0; got {steps_offset!r}.")
-    idx = (np.arange(n) * (num_train_timesteps // n))[::-1] + so
+    m = n + 1 if drop_zero else n
+    idx = (np.arange(m) * (num_train_timesteps // m))[::-1][:n] + so
     if idx[0] > num_train_timesteps - 1:
         raise ValueError(
             f"leading: steps_offset={steps_offset} pushes the first index to {idx[0]}, beyond the last "
@@ -473,11 +477,20 @@ def trailing_indices(num_train_timesteps: int, n: int) -> np.ndarray:
     return (np.round(np.arange(N, 0, -N / n))[:n] - 1).astype(np.int64)
 
 
-def linspace_indices(num_train_timesteps: int, n: int) -> np.ndarray:
+def linspace_indices(num_train_timesteps: int, n: int, drop_zero: bool = False) -> np.ndarray:
     """diffusers' ``linspace`` spacing: ``round(linspace(0, N - 1, n))``, reversed (Lin et al.,
-    2024, Table 2). N=1000, n=10: ``[999, 888, ..., 111, 0]``."""
+    2024, Table 2). N=1000, n=10: ``[999, 888, ..., 111, 0]``. ``drop_zero=True``: the variant of
+    diffusers' DPM-Solver / UniPC / DEIS schedulers, ``round(linspace(0, N - 1, n + 1))`` with the 0
+    dropped (N=1000, n=10: ``[999, 899, ..., 100]``)."""
     _check_counts(n, num_train_timesteps, "linspace")
-    return np.round(np.linspace(0, num_train_timesteps - 1, n))[::-1].astype(np.int64)
+    m = n + 1 if _check_flag("linspace", "drop_zero", drop_zero) else n
+    return np.round(np.linspace(0, num_train_timesteps - 1, m))[::-1][:n].astype(np.int64)
+
+
+def _check_flag(schedule: str, name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{schedule}: {name} must be True or False; got {value!r}.")
+    return bool(value)
 
 
 def _index_schedule(name: str, index_fn: Callable):

@@ -129,13 +129,14 @@ class History(NamedTuple):
             jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32), jnp.asarray(t_end, x.dtype),
         )
 
-    def order_for(self, max_order: int, lower_order_final: bool, t1):
+    def order_for(self, max_order: int, lower_order_final: bool, t1, below: int | None = 15):
         """The order of the coming step (traced): ``max_order`` limited by the warm-up
-        (``count + 1``), by lower-order-final (at most ``n - i`` on grids under 15 steps, diffusers'
-        rule; only when the step count is known) and to 1 on a step to ``t = 0``."""
+        (``count + 1``), by lower-order-final (at most ``n - i`` on grids under ``below`` = 15
+        steps, diffusers' DPM-Solver rule; on every grid if ``below`` is ``None``, UniPC's rule;
+        only when the step count is known) and to 1 on a step to ``t = 0``."""
         order = jnp.minimum(max_order, self.count + 1)
         if lower_order_final:
-            short = (self.num_steps >= 0) & (self.num_steps < 15)
+            short = (self.num_steps >= 0) & ((self.num_steps < below) if below is not None else True)
             order = jnp.where(short, jnp.minimum(order, self.num_steps - self.step), order)
         return jnp.where(t1 == 0, 1, order)
 
@@ -169,6 +170,9 @@ class AbstractMultistepSolver(AbstractFastSolver):
     order: int = eqx.field(static=True, default=2)
     prediction: str = eqx.field(static=True, default="x0")
     lower_order_final: bool = eqx.field(static=True, default=True)
+    #: grids shorter than this get lower-order-final steps (15: diffusers' DPM-Solver(++) / DEIS
+    #: rule); ``None``: every grid (the UniPC reference code and diffusers' UniPC scheduler)
+    lower_order_final_below: int | None = eqx.field(static=True, default=15)
 
     max_order: ClassVar[int] = 3
 
@@ -191,7 +195,7 @@ class AbstractMultistepSolver(AbstractFastSolver):
 
     def step_order(self, state: History, t1):
         """The order used by the coming step (see :meth:`History.order_for`)."""
-        return state.order_for(self.order, self.lower_order_final, t1)
+        return state.order_for(self.order, self.lower_order_final, t1, self.lower_order_final_below)
 
     def evaluate(self, denoiser, t0, x, cond):
         """The model output this solver works with (one NFE)."""
@@ -203,7 +207,7 @@ class AbstractMultistepSolver(AbstractFastSolver):
     def advance(self, process, t0, t1, x, m, state):
         """Step from ``t0`` to ``t1`` given the newest output ``m``; returns ``(x1, state)``."""
         order = self.step_order(state, t1)
-        c = prediction_step(process, t0, t1, self.prediction)
+        c = self.step_scalars(process, t0, t1)
         w = self.weights(process, c._replace(h=safe_step(c, t1)), state, order)
         if self.prediction == "x0":
             # In data-prediction variables order 1 is DDIM itself, finite also for h = inf
@@ -218,6 +222,10 @@ class AbstractMultistepSolver(AbstractFastSolver):
         if self.prediction == "eps":  # here order 1 must use the data-prediction form (sigma1 = 0)
             x1 = jnp.where(order == 1, ddim_step(process, t0, t1, x, _x0_from_eps(process, t0, x, m)), x1)
         return x1, state.push(m, c.ell0)
+
+    def step_scalars(self, process, t0, t1) -> PredictionStep:
+        """The step's scalars in prediction variables (SDE variants shift ``h`` and ``kappa1``)."""
+        return prediction_step(process, t0, t1, self.prediction)
 
     def weights(self, process, c: PredictionStep, state: History, order):
         """Weights ``b`` of ``x1 = (kappa1/kappa0) x + beta1 sum_j b_j m_j`` (``m_0`` newest) for
