@@ -1,0 +1,286 @@
+"""Gradients through samplers (fastsample.gradients, ``sample(..., gradient=...)``).
+
+Closed form used below. For Gaussian data ``N(mu, s^2 I)`` the noised marginal at ``t`` is
+``N(alpha_t mu, r_t^2 I)`` with ``r_t = sqrt(alpha_t^2 s^2 + sigma_t^2)``, and the data prediction
+is ``D(x) = mu + alpha s^2 / r^2 (x - alpha mu)``. In the half log-SNR the PF-ODE reads
+``dx/dlambda = (dlog sigma/dlambda) x + alpha D``; for ``u = x - alpha mu`` (using
+``dalpha/dlambda = alpha (dlog sigma/dlambda + 1)``) it becomes ``du/dlambda = (dlog sigma/dlambda +
+alpha^2 s^2 / r^2) u = (dlog r/dlambda) u``. Hence ``x_t = alpha_t mu + (r_t / r_T)(x_T - alpha_T mu)``
+(checked against the adaptive reference solve in tests/test_sample.py) and, exactly,
+
+    d x_0 / d x_T = (r_0 / r_T) I.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fastsample as fs
+from fastsample import gradients as G
+from fastsample.models import GaussianMixture
+
+PROC = fs.VPLinear()
+
+
+def _slope(ns, errors):
+    """Least-squares slope of log|error| against log(1/N): the convergence order."""
+    return float(np.polyfit(np.log(1.0 / np.asarray(ns, float)), np.log(np.abs(errors)), 1)[0])
+
+
+# ---------------------------------------------------------------- Gaussian data: d x_0 / d x_T
+
+
+@pytest.mark.parametrize(
+    "solver, mode, order",
+    [
+        ("ddim", "full", 1),
+        ("ddim", G.Adjoint(order=1), 1),  # AdjointDEIS-1
+        ("dpmpp_2m", "adjoint", 2),  # AdjointDEIS-2M
+        # BDIA-DDIM with gamma = 1 is a symmetric two-step (leapfrog-type) scheme: second order.
+        (fs.BDIADDIM(1.0), "reversible", 2),
+    ],
+    ids=["full-ddim", "adjoint1", "adjoint2m", "reversible-bdia"],
+)
+def test_gaussian_jacobian_converges_to_r0_over_rT_at_the_solver_order(x64, solver, mode, order):
+    s, mu = 0.6, 0.4
+    den = GaussianMixture.gaussian(np.full(2, mu), s * s).denoiser(PROC)
+    x_T = jnp.array([[0.3, -1.2]])
+    ns, errors = (32, 64, 128), []
+    for n in ns:  # one model evaluation per step for these solvers: n steps
+        grad = jax.grad(lambda x, n=n: jnp.sum(
+            fs.sample(den, x, solver, nfe=n, schedule="logsnr_uniform", gradient=mode)[:, 0]))(x_T)
+        a, sig = PROC.alpha_sigma(fs.get_timesteps(PROC, n, "logsnr_uniform")[jnp.array([0, -1])])
+        r = jnp.sqrt(a**2 * s * s + sig**2)
+        assert abs(float(grad[0, 1])) < 1e-12  # the Jacobian is (r_0 / r_T) I: no leakage between coordinates
+        errors.append(float(grad[0, 0]) - float(r[1] / r[0]))
+    assert abs(errors[-1]) < 0.05, errors
+    slope = _slope(ns, errors)
+    assert order - 0.25 < slope < order + 0.5, (errors, slope)
+
+
+# ------------------------------------------------------ a conditional mixture with guidance
+
+
+class CondMixture(eqx.Module):
+    """A Gaussian mixture shifted by the conditioning ``c``: ``D(x) = c + D_0(x - alpha c)``, with
+    learnable means and log-variances (the "model parameters")."""
+
+    means: jax.Array
+    log_var: jax.Array
+    process: fs.AbstractProcess
+
+    def __call__(self, x, t, cond):
+        a, s = self.process.alpha_sigma(t)
+        return cond + GaussianMixture(self.means, jnp.exp(self.log_var)).x0(x - a * cond, a, s)
+
+
+def _problem(batch=3):
+    rng = np.random.default_rng(0)
+    model = CondMixture(jnp.asarray(rng.normal(size=(3, 2)) * 1.5), jnp.log(jnp.array([0.3, 0.5, 0.2])), PROC)
+    params = dict(
+        x_T=jnp.asarray(rng.normal(size=(batch, 2))),
+        model=model,
+        cond=jnp.asarray(rng.normal(size=(batch, 2)) * 0.3),
+        guidance=jnp.asarray(1.5),
+    )
+    weights = jnp.asarray(rng.normal(size=(batch, 2)))
+    return params, weights
+
+
+def _loss(params, weights, solver, mode, *, nfe=None, timesteps=None, gamma=None, final_zero=False):
+    den = fs.Denoiser(params["model"], PROC, "x0", guidance_scale=params["guidance"], uncond=jnp.zeros(2))
+    if gamma is not None:
+        solver = fs.BDIADDIM(params["gamma"])
+    if timesteps is not None:
+        timesteps = params["ts"]
+    x = fs.sample(den, params["x_T"], solver, nfe=nfe, schedule="logsnr_uniform", timesteps=timesteps,
+                  final_zero=final_zero, cond=params["cond"], gradient=mode)
+    return jnp.sum(weights * x)
+
+
+def _grads(params, weights, solver, mode, **kw):
+    return eqx.filter_grad(lambda p: _loss(p, weights, solver, mode, **kw))(params)
+
+
+def _assert_trees_close(a, b, rtol):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(v))))
+        assert float(jnp.max(jnp.abs(u - v))) <= rtol * scale, (u, v)
+
+
+def test_full_remat_binomial_and_reversible_agree_in_float64(x64):
+    """BDIA-DDIM on a 10-step traced grid: gradients w.r.t. x_T, model parameters, cond, guidance
+    scale, the solver's gamma and the time grid agree to 1e-6 across the exact modes."""
+    params, weights = _problem()
+    params["ts"] = fs.get_timesteps(PROC, 10, "logsnr_uniform")
+    params["gamma"] = jnp.asarray(0.9)
+    reference = _grads(params, weights, None, "full", timesteps=True, gamma=True)
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(eqx.filter(reference,
+                                                                                       eqx.is_inexact_array)))
+    for mode in ("remat", G.Binomial(3), "reversible"):
+        _assert_trees_close(_grads(params, weights, None, mode, timesteps=True, gamma=True), reference, 1e-6)
+
+
+def test_multistep_and_final_zero_agree_across_checkpointing_modes(x64):
+    """dpmpp_2m (history in the carry), 11 steps ending at t = 0: binomial equals full; and
+    BDIA's reversible gradients equal full on a grid ending at t = 0."""
+    params, weights = _problem()
+    full = _grads(params, weights, "dpmpp_2m", "full", nfe=11, final_zero=True)
+    _assert_trees_close(_grads(params, weights, "dpmpp_2m", "binomial", nfe=11, final_zero=True), full, 1e-6)
+    bdia = fs.BDIADDIM(1.0)
+    _assert_trees_close(_grads(params, weights, bdia, "reversible", nfe=7, final_zero=True),
+                        _grads(params, weights, bdia, "full", nfe=7, final_zero=True), 1e-6)
+
+
+def _directional_fd(f, params, key, eps=1e-5):
+    """``(d/de f(params + e v) at 0`` by central differences, ``v``)`` for a random direction ``v``
+    over the inexact arrays of ``params``."""
+    diff = eqx.filter(params, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(diff)
+    keys = jax.random.split(key, len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves, strict=True)])
+    shift = lambda e: eqx.apply_updates(params, jax.tree.map(lambda u: e * u, v))  # noqa: E731
+    return (f(shift(eps)) - f(shift(-eps))) / (2 * eps), v
+
+
+def _dot(g, v):
+    return sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(eqx.filter(g, eqx.is_inexact_array)),
+                                                      jax.tree.leaves(v), strict=True))
+
+
+GROUPS = ("x_T", "model", "cond", "guidance")
+
+
+def test_finite_differences_for_parameters_conditioning_and_guidance(x64):
+    """``full`` (hence remat / binomial / reversible, which equal it) matches central differences
+    of the sampler to 1e-7. The adjoint approximates the same gradient of the exact flow: its
+    distance to ``full`` falls at second order (AdjointDEIS-2M; both converge at order 2)."""
+    params, weights = _problem()
+    f = jax.jit(lambda p: _loss(p, weights, "dpmpp_2m", "full", nfe=24))
+    rel = {}
+    for n in (24, 48):
+        full = _grads(params, weights, "dpmpp_2m", "full", nfe=n)
+        adjoint = _grads(params, weights, "dpmpp_2m", "adjoint", nfe=n)
+        for i, name in enumerate(GROUPS):
+            fd, v = _directional_fd(lambda q, name=name: f({**params, name: q}), params[name],
+                                    jax.random.fold_in(jax.random.PRNGKey(1), i))
+            if n == 24:
+                assert abs(_dot(full[name], v) - fd) <= 1e-7 * max(1.0, abs(fd)), name
+            rel[name, n] = abs(_dot(adjoint[name], v) - _dot(full[name], v)) / abs(_dot(full[name], v))
+    for name in GROUPS:
+        assert rel[name, 24] < 0.1, rel
+        assert rel[name, 48] < rel[name, 24] / 2.8, rel  # order 2 gives about 4
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+class WideModel(eqx.Module):
+    """``x0 = tanh(x W1 + t) W2``: one model call keeps two ``batch x width`` activations (16 states
+    for ``width = 8 dim``); its parameters are 4 states for ``batch = 256``."""
+
+    w1: jax.Array
+    w2: jax.Array
+
+    def __call__(self, x, t, cond):
+        return jnp.tanh(x @ self.w1 + t) @ self.w2
+
+
+def _temp_bytes(mode, n, solver="ddim"):
+    dim, width, batch = 64, 512, 256
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    model = WideModel(jax.random.normal(key1, (dim, width)) / 8, jax.random.normal(key2, (width, dim)) / 32)
+
+    def loss(model, x):
+        return jnp.sum(fs.sample(fs.Denoiser(model, PROC, "x0"), x, solver, nfe=n, schedule="logsnr_uniform",
+                                 gradient=mode) ** 2)
+
+    x = jnp.zeros((batch, dim), jnp.float32)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(model, x).compile()
+    stats = compiled.memory_analysis()
+    if stats is None or getattr(stats, "temp_size_in_bytes", None) is None:
+        pytest.skip(f"memory_analysis() is unavailable on backend {jax.default_backend()!r} with jax {jax.__version__}")
+    return stats.temp_size_in_bytes, batch * dim * 4
+
+
+@pytest.mark.slow
+def test_compiled_temporary_memory_of_each_mode():
+    full, state = _temp_bytes("full", 64)
+    remat, _ = _temp_bytes("remat", 64)
+    binomial, _ = _temp_bytes("binomial", 64)
+    assert remat * 10 <= full, (full, remat)
+    assert binomial * 10 <= full, (full, binomial)
+    assert binomial < remat, (remat, binomial)
+    for mode, solver in (("adjoint", "ddim"), ("reversible", fs.BDIADDIM(1.0))):
+        small, _ = _temp_bytes(mode, 16, solver)
+        large, _ = _temp_bytes(mode, 64, solver)
+        # 48 more steps cost less than one state (full grows by about 48 x 17 states).
+        assert large - small < state, (mode, small, large)
+        assert large * 10 <= full, (mode, large, full)
+
+
+# ------------------------------------------------------------------------------- stochastic
+
+
+def test_stochastic_solvers_differentiate_a_fixed_noise_path(x64):
+    if "euler_ancestral" not in fs.available_solvers():
+        pytest.skip("no stochastic solver registered (euler_ancestral)")
+    params, weights = _problem()
+    params = {k: params[k] for k in ("x_T", "model")}
+
+    def loss(p, mode):
+        den = fs.Denoiser(p["model"], PROC, "x0")
+        x = fs.sample(den, p["x_T"], "euler_ancestral", nfe=9, key=jax.random.PRNGKey(3),
+                      cond=jnp.zeros_like(p["x_T"]), gradient=mode)
+        return jnp.sum(weights * x)
+
+    full = eqx.filter_grad(lambda p: loss(p, "full"))(params)
+    _assert_trees_close(eqx.filter_grad(lambda p: loss(p, "binomial"))(params), full, 1e-6)
+    fd, v = _directional_fd(jax.jit(lambda p: loss(p, "full")), params, jax.random.PRNGKey(4))
+    assert abs(_dot(full, v) - fd) <= 1e-6 * max(1.0, abs(fd))
+    with pytest.raises(ValueError, match="stochastic"):
+        loss(params, "adjoint")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_gradient_requests_raise_clear_errors():
+    den = GaussianMixture.gaussian(np.zeros(2), 1.0).denoiser(PROC)
+    x = jnp.ones((1, 2))
+    with pytest.raises(ValueError, match="unknown gradient mode 'bogus'; allowed: full, remat, binomial"):
+        fs.sample(den, x, "ddim", nfe=4, gradient="bogus")
+    with pytest.raises(ValueError, match="reversible.*BDIADDIM"):
+        fs.sample(den, x, "ddim", nfe=4, gradient="reversible")
+    with pytest.raises(ValueError, match="gamma > 0"):
+        fs.sample(den, x, fs.BDIADDIM(0.0), nfe=4, gradient="reversible")
+    with pytest.raises(ValueError, match="trajectory"):
+        fs.sample(den, x, "ddim", nfe=4, gradient="adjoint", return_trajectory=True)
+    with pytest.raises(ValueError, match="branching must be an integer >= 2"):
+        G.Binomial(branching=1)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        G.Adjoint(order=3)
+    with pytest.raises(ValueError, match="dpm_solver_adaptive supports gradient='full' only"):
+        fs.sample(den, x, "dpm_solver_adaptive", nfe=None, gradient="remat")
+    # The continuous adjoint has no gradient for the time grid: asking for one is an error.
+    ts = fs.get_timesteps(PROC, 4, "logsnr_uniform")
+    with pytest.raises(ValueError, match="gradient='adjoint' gives no gradient with respect to the time grid"):
+        jax.grad(lambda t: jnp.sum(fs.sample(den, x, "ddim", nfe=None, timesteps=t, gradient="adjoint")))(ts)
+
+
+def test_checkpointed_scan_equals_lax_scan_for_any_length():
+    def body(c, i):
+        c = jnp.sin(c) + 0.1 * i
+        return c, c * 2
+
+    def value_and_grad(scan):
+        return jax.jit(jax.value_and_grad(lambda c: (lambda out: (out[1].sum(), out))(scan(c)), has_aux=True))
+
+    for n, b in ((0, 2), (17, 2), (17, 3)):  # 17 = 2 * 8 + 1 = 3 * 5 + 2: remainders at several levels
+        (_, (carry, ys)), g = value_and_grad(lambda c, n=n, b=b: G.checkpointed_scan(body, c, n, b))(0.3)
+        (_, (carry_ref, ys_ref)), g_ref = value_and_grad(lambda c, n=n: jax.lax.scan(body, c, jnp.arange(n)))(0.3)
+        np.testing.assert_allclose(carry, carry_ref, rtol=1e-6)
+        np.testing.assert_allclose(ys, ys_ref, rtol=1e-6)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-6)
