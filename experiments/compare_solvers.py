@@ -17,19 +17,10 @@ from tqdm.auto import tqdm
 
 import fastsample as fs
 from fastsample.config import ExperimentConfig, build_model, build_process
-from fastsample.results import markdown_table, write_rows
+from fastsample.results import largest_reachable, markdown_table, plot_error_vs_nfe, plot_samples, write_rows
 
 # nll: mean negative log-density of the samples under the exact noised marginal at t_min.
 COLUMNS = ["solver", "nfe_budget", "nfe", "steps", "rmse", "rel_error", "max_abs_error", "nll"]
-
-
-def _largest_reachable(solver, budget: int):
-    for nfe in range(budget, 0, -1):
-        try:
-            return solver.steps_for_nfe(nfe), nfe
-        except ValueError:
-            continue
-    return None, None
 
 
 def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
@@ -50,7 +41,7 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
     combos = list(itertools.product(cfg.solvers, sorted(cfg.nfe)))
     for name, budget in tqdm(combos, desc="solvers x NFE", disable=not progress):
         solver = fs.get_solver(name)
-        steps, nfe = _largest_reachable(solver, budget)
+        steps, nfe = largest_reachable(solver, budget)
         if steps is None:
             rows.append({"solver": name, "nfe_budget": budget, "nfe": None, "note": "budget below minimum"})
             continue
@@ -65,30 +56,13 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
             "solver": name, "nfe_budget": budget, "nfe": info.nfe, "steps": info.steps, "rmse": rmse,
             "rel_error": rmse / scale, "max_abs_error": float(np.max(np.abs(err))), "nll": nll,
         })
+        if cfg.sample_plots:  # digit grids (64-D) or scatter plots over the reference (2-D)
+            (out / "samples").mkdir(exist_ok=True)
+            plot_samples(x, out / "samples" / f"{name}_nfe{info.nfe}.png", f"{name}, NFE {info.nfe}", reference)
 
     write_rows(out, "metrics", rows)
     (out / "table.md").write_text(markdown_table(rows, COLUMNS))
     if cfg.plots:
-        _plot(rows, out / "error_vs_nfe.png", title=f"{cfg.name}: RMSE to reference")
+        plot_error_vs_nfe(rows, out / "error_vs_nfe.png", title=f"{cfg.name}: RMSE to reference")
     return rows
 
-
-def _plot(rows, path: Path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name in dict.fromkeys(r["solver"] for r in rows):
-        pts = sorted((r["nfe"], r["rmse"]) for r in rows if r["solver"] == name and r.get("nfe") and r["rmse"] > 0)
-        if pts:
-            ax.loglog(*zip(*pts, strict=True), marker="o", label=name)
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("RMSE to reference")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
