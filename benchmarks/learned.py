@@ -97,12 +97,14 @@ def run(quick: bool, steps: int, n_train: int, n_val: int, lr: float):
             for method, base in methods:
                 if method == "bespoke":
                     method = "bespoke_rk1" if nfe % 2 else "bespoke_rk2"
+                schedule, options = "logsnr_uniform", {"t_end": t_end}
                 start = time.time()
                 opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
                 solver, report = fit_solver(method, denoiser, train, val, nfe, base=base or "ipndm",
-                                            schedule="logsnr_uniform", schedule_options={"t_end": t_end},
-                                            steps=steps, batch_size=min(128, n_train), eval_every=50, optimizer=opt)
-                row = {"process": pname, "method": method, "nfe": nfe, "base": report.base,
+                                            schedule=schedule, schedule_options=options, steps=steps,
+                                            batch_size=min(128, n_train), eval_every=50, optimizer=opt)
+                row = {"process": pname, "method": method if method != "bespoke_rk1" and method != "bespoke_rk2"
+                       else "bespoke", "nfe": nfe, "base": f"{report.base} ({schedule})",
                        "rmse": report.fitted_rmse, "base_rmse": report.base_rmse, "params": report.num_params,
                        "fit_seconds": round(time.time() - start, 1)}
                 if not np.isfinite(row["rmse"]):
@@ -113,25 +115,23 @@ def run(quick: bool, steps: int, n_train: int, n_val: int, lr: float):
 
 
 def table(rows, process, nfes):
+    """One row per method; each cell: held-out RMSE (and the base solver's, with its schedule)."""
     out = []
-    keys = []
-    for r in rows:
-        if r["process"] == process and (r["method"], r.get("base")) not in keys and "anchor" not in r["method"]:
-            keys.append((r["method"], r.get("base")))
-    for method, base in keys:
-        row = {"method": method, "base": base if method != "best training-free" else "(per NFE)"}
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["process"] == process and "anchor" not in r["method"]))
+    for method in methods:
+        row = {"method": method}
         for nfe in nfes:
-            hit = [r for r in rows if r["process"] == process and r["method"] == method and r.get("base") == base
-                   and r["nfe"] == nfe]
+            hit = [r for r in rows if r["process"] == process and r["method"] == method and r["nfe"] == nfe]
             if hit:
                 r = hit[0]
-                row[f"NFE {nfe}"] = f"{r['rmse']:.4f}" + (f" (base {r['base_rmse']:.4f})" if "base_rmse" in r else "")
+                base = f"base {r['base_rmse']:.4f}, {r['base']}" if "base_rmse" in r else r.get("base", "")
+                row[f"NFE {nfe}"] = f"{r['rmse']:.4f} ({base})"
         fits = [r["fit_seconds"] for r in rows if r["process"] == process and r["method"] == method
-                and r.get("base") == base and "fit_seconds" in r]
+                and "fit_seconds" in r]
         if fits:
             row["fit s (mean)"] = f"{np.mean(fits):.0f}"
         out.append(row)
-    return out
+    return out, ["method", *[f"NFE {n}" for n in nfes], "fit s (mean)"]
 
 
 def plot(rows, process, path):
@@ -144,13 +144,13 @@ def plot(rows, process, path):
     groups = {}
     for r in rows:
         if r["process"] == process and "anchor" not in r["method"]:
-            label = r["method"] if r["method"] == "best training-free" else f"{r['method']} ({r['base']})"
+            label = r["method"]
             groups.setdefault(label, {})[r["nfe"]] = r["rmse"]
     for i, (label, pts) in enumerate(groups.items()):
         xs = sorted(pts)
-        style = "k--" if label == "best training-free" else None
-        ax.semilogy(xs, [pts[n] for n in xs], style or "-", marker="o", label=label,
-                    color=None if style else plt.cm.tab10(i % 10))
+        dashed = label == "best training-free"
+        ax.semilogy(xs, [pts[n] for n in xs], "--" if dashed else "-", marker="o", label=label,
+                    color="k" if dashed else plt.cm.tab10(i % 10))
     ax.set_xlabel("NFE")
     ax.set_ylabel("held-out RMSE to the exact sigma=0 endpoint")
     ax.set_title(f"learned solvers, digits mixture, {process}")
@@ -188,7 +188,7 @@ def main(argv=None):
         md.append(f"## {process}: held-out RMSE to the exact endpoint (final step to sigma = 0)\n")
         if anchor:
             md.append(f"Anchor: dpmpp_2m, Karras sigmas, NFE 10: {anchor[0]['rmse']:.4f}.\n")
-        md.append(markdown_table(table(rows, process, nfes)))
+        md.append(markdown_table(*table(rows, process, nfes)))
         plot(rows, process, OUT / f"{stem}_{process}.png")
     (OUT / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))

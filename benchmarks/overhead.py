@@ -12,30 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import diffrax
 import jax
 import jax.numpy as jnp
+from timing import timeit  # benchmarks/timing.py
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
 from fastsample.results import environment, markdown_table
 
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def timeit(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` (already compiled), in seconds."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def compile_seconds(fn, *args) -> float:
@@ -73,8 +62,8 @@ def main(argv=None):
             solver = fs.get_solver(name)
         except ValueError:
             continue  # needs options (dpm_solver_v3: estimated statistics)
-        if not isinstance(solver, fs.AbstractFastSolver):
-            continue  # adaptive step size: no fixed grid
+        if not isinstance(solver, fs.AbstractFastSolver) or isinstance(solver, fs.AbstractStochasticSolver):
+            continue  # adaptive step size (no fixed grid) or stochastic (benchmarks/stochastic.py)
         try:
             steps = solver.steps_for_nfe(args.nfe)
         except ValueError:

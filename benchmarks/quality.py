@@ -41,10 +41,12 @@ FINALS = ["t_min", "zero", "zero@0.03", "zero@0.1"]
 
 
 def _fixed_nfe_without_options(name: str) -> bool:
-    """Solvers this benchmark runs: fixed NFE and no required options (not the adaptive solver,
-    not dpm_solver_v3, whose statistics are estimated per model)."""
+    """Solvers this benchmark runs: deterministic, fixed NFE and no required options (not the
+    adaptive solver, not dpm_solver_v3, whose statistics are estimated per model; stochastic
+    solvers are in benchmarks/stochastic.py)."""
     try:
-        return isinstance(fs.get_solver(name), fs.AbstractFastSolver)
+        solver = fs.get_solver(name)
+        return isinstance(solver, fs.AbstractFastSolver) and not isinstance(solver, fs.AbstractStochasticSolver)
     except ValueError:
         return False
 

@@ -3,12 +3,14 @@
 The public API is re-exported here; everything else is private.
 """
 
-from . import data, learned, metrics, models, processes, solvers, timesteps
+from . import data, gradients, learned, metrics, models, noise, processes, solvers, timesteps, training
 from .denoisers import Denoiser, Thresholding, convert_prediction
+from .gradients import available_gradients
 from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
+from .noise import BrownianNoise, IndependentNoise
 from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
 from .sample import SampleInfo, prior, reference_solve, sample
-from .solvers import SOLVERS, AbstractFastSolver, available_solvers, get_solver
+from .solvers import SOLVERS, AbstractFastSolver, AbstractStochasticSolver, available_solvers, get_solver
 from .terms import ProbabilityFlowTerm
 from .timesteps import available_schedules, get_timesteps
 
@@ -20,6 +22,9 @@ __all__ = [
     "bdia_sample",
     "invert",
     "AbstractFastSolver",
+    "AbstractStochasticSolver",
+    "BrownianNoise",
+    "IndependentNoise",
     "AbstractProcess",
     "Denoiser",
     "EDM",
@@ -32,19 +37,23 @@ __all__ = [
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
+    "available_gradients",
     "available_schedules",
     "available_solvers",
     "convert_prediction",
     "get_solver",
     "get_timesteps",
     "data",
+    "gradients",
     "learned",
     "metrics",
     "models",
+    "noise",
     "prior",
     "processes",
     "reference_solve",
     "sample",
     "solvers",
     "timesteps",
+    "training",
 ]

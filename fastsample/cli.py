@@ -3,7 +3,11 @@
     fastsample run CONFIG [key=value ...]      run an experiment, write a results folder
     fastsample sample CONFIG [key=value ...] --out FILE.npy
                                                draw samples with the config's first solver and NFE
+    fastsample fit CONFIG [key=value ...]      fit learned solvers (the config's fit section; resumes)
+    fastsample train-model CONFIG [key=value ...]
+                                               train a network (resumes from its checkpoints)
     fastsample solvers | schedules             list what is available
+    fastsample list                            solvers, schedules, processes, models, experiments
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_to_dict, load_config
+from .config import ConfigError, ExperimentConfig, config_to_dict, load_config
 
 __all__ = ["main"]
 
@@ -35,8 +39,27 @@ def _find_experiment(name: str, config_path: Path) -> Path:
 def _load_experiment(path: Path):
     spec = importlib.util.spec_from_file_location(f"fastsample_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the experiment resolve their module
     spec.loader.exec_module(module)
     return module
+
+
+def _experiment_name(config_path, overrides) -> str:
+    """The ``experiment`` key of a config (after overrides), read before validation."""
+    import yaml
+
+    from .config import apply_overrides
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    name = apply_overrides(data, list(overrides)).get("experiment", ExperimentConfig.experiment)
+    if not isinstance(name, str):
+        raise ConfigError(f"experiment must be the name of a file in experiments/; got {name!r}.")
+    return name
 
 
 @contextlib.contextmanager
@@ -55,8 +78,9 @@ def _precision(cfg):
 def cmd_run(args) -> int:
     from . import results
 
-    cfg = load_config(args.config, args.overrides)
-    experiment = _load_experiment(_find_experiment(cfg.experiment, Path(args.config)))
+    experiment = _load_experiment(_find_experiment(_experiment_name(args.config, args.overrides), Path(args.config)))
+    # an experiment with settings of its own declares its config class as CONFIG
+    cfg = load_config(args.config, args.overrides, cls=getattr(experiment, "CONFIG", ExperimentConfig))
     folder = results.new_results_dir(cfg.output_dir, cfg.name)
     with _precision(cfg):
         results.write_config(folder, config_to_dict(cfg))
@@ -67,6 +91,12 @@ def cmd_run(args) -> int:
     print(table)
     print(f"results: {final}")
     return 0
+
+
+def cmd_fit(args) -> int:
+    """``run`` for a config whose ``fit`` section says what to fit (experiment ``fit_solvers``)."""
+    args.overrides = ["experiment=fit_solvers", *args.overrides]
+    return cmd_run(args)
 
 
 def cmd_sample(args) -> int:
@@ -88,6 +118,54 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_train_model(args) -> int:
+    from . import results
+    from .config import TrainConfig
+    from .models.training import evaluate, train
+
+    cfg = load_config(args.config, args.overrides, cls=TrainConfig)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    trained, state, losses = train(cfg, progress=not args.quiet, run_dir=run_dir)
+    row = {"name": cfg.name, "step": int(state.step), "final_loss": losses[-1] if losses else None}
+    if cfg.eval_samples > 0:
+        metrics_row, x = evaluate(trained, cfg)
+        row.update(metrics_row)
+        (run_dir / "eval.json").write_text(json.dumps(row, indent=2))
+        results.plot_samples(x, run_dir / "samples.png", f"{cfg.name}: {cfg.eval_solver}, NFE {cfg.eval_nfe}")
+    print(results.markdown_table([row]))
+    print(f"checkpoints: {run_dir}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    import dataclasses
+
+    import fastsample
+
+    from .config import TRAIN_DATA, ModelConfig, ProcessConfig
+    from .models.networks import NETWORKS
+    from .models.training import OBJECTIVES
+
+    def choices(cls, name):
+        return ", ".join(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"])
+
+    experiments = sorted({p.stem for root in (Path.cwd(), Path(__file__).resolve().parents[1])
+                          for p in (root / "experiments").glob("*.py") if not p.stem.startswith("_")})
+    sections = {
+        "solvers": ", ".join(fastsample.available_solvers()),
+        "schedules": ", ".join(fastsample.available_schedules()),
+        "processes": f"{choices(ProcessConfig, 'kind')} (vp_discrete presets: {choices(ProcessConfig, 'preset')})",
+        "models": choices(ModelConfig, "kind"),
+        "networks": ", ".join(NETWORKS),
+        "objectives": ", ".join(OBJECTIVES),
+        "training data": ", ".join(TRAIN_DATA),
+        "experiments": ", ".join(experiments) or "(none found)",
+    }
+    for name, value in sections.items():
+        print(f"{name}: {value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsample", description="Few-step sampling of diffusion and flow models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,11 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nfe=[5,10] model.seed=1")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
     p_run.set_defaults(func=cmd_run)
+    p_fit = sub.add_parser("fit", help="fit learned solvers (the config's fit section); resumes from checkpoints")
+    p_fit.add_argument("config")
+    p_fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fit.steps=100 nfe=[5]")
+    p_fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_fit.set_defaults(func=cmd_fit)
     p_sample = sub.add_parser("sample", help="draw samples with the config's first solver and NFE")
     p_sample.add_argument("config")
     p_sample.add_argument("overrides", nargs="*")
     p_sample.add_argument("--out", default="samples.npy")
     p_sample.set_defaults(func=cmd_sample)
+    p_train = sub.add_parser("train-model", help="train a network from a training config (resumes)")
+    p_train.add_argument("config")
+    p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 network.hidden=128")
+    p_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_train.set_defaults(func=cmd_train_model)
+    sub.add_parser("list", help="list solvers, schedules, processes, models and experiments").set_defaults(
+        func=cmd_list)
     sub.add_parser("solvers", help="list solver names").set_defaults(
         func=lambda a: print("\n".join(__import__("fastsample").available_solvers())) or 0)
     sub.add_parser("schedules", help="list schedule names").set_defaults(

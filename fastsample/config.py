@@ -18,8 +18,11 @@ import yaml
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
+    "FitConfig",
     "ModelConfig",
+    "NetworkConfig",
     "ProcessConfig",
+    "TrainConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -37,12 +40,111 @@ def _choices(*allowed):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model to sample. ``gmm_*`` are exact Gaussian mixtures (ground truth available)."""
+    """The model to sample. ``gmm_*`` are exact Gaussian mixtures (ground truth available);
+    ``network`` is a trained network restored from the orbax ``checkpoint`` folder written by
+    ``fastsample train-model`` (``ema``: its EMA weights, else the raw ones)."""
 
-    kind: str = field(default="gmm_digits", metadata=_choices("gmm_digits", "gmm_ring", "gmm_grid"))
+    kind: str = field(default="gmm_digits", metadata=_choices("gmm_digits", "gmm_ring", "gmm_grid", "network"))
     n_components: int = 10
     covariance: str = field(default="full", metadata=_choices("full", "diag", "spherical"))
     seed: int = 0
+    checkpoint: str = ""
+    ema: bool = True
+
+    def __post_init__(self):
+        if self.kind == "network" and not self.checkpoint:
+            raise ConfigError("model.checkpoint must name a checkpoint folder when model.kind='network'.")
+        if self.kind != "network" and self.checkpoint:
+            raise ConfigError(f"model.checkpoint is only used with model.kind='network'; got kind={self.kind!r}.")
+
+
+#: Training data choices (``fastsample.data``: the digits split and the 2-D toys).
+TRAIN_DATA = ("digits", "moons", "eight_gaussians", "checkerboard", "swiss_roll", "rings")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The network ``fastsample train-model`` trains (``fastsample.models.networks``): an ``mlp``
+    (``hidden`` width, ``depth`` residual blocks) or a ``unet`` (``channels`` per level, digits
+    only); ``num_classes > 0`` makes it class-conditional with a null class (digits: 10)."""
+
+    kind: str = field(default="mlp", metadata=_choices("mlp", "unet"))
+    hidden: int = 256
+    depth: int = 3
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    emb_dim: int = 64
+    num_classes: int = 0
+
+    def __post_init__(self):
+        for key in ("hidden", "depth", "emb_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"network.{key} must be >= 1; got {getattr(self, key)}.")
+        if self.emb_dim % 2:
+            raise ConfigError(f"network.emb_dim must be even (sin/cos pairs); got {self.emb_dim}.")
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"network.channels must be a non-empty list of positive integers; got {self.channels}.")
+        if self.num_classes < 0:
+            raise ConfigError(f"network.num_classes must be >= 0 (0: unconditional); got {self.num_classes}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run of ``fastsample train-model`` (``fastsample.models.training.train``).
+
+    Checkpoints go to ``output_dir/name``; running the same config again resumes from there.
+    ``dequantize``: width of uniform noise added to each training batch (``0.125`` makes the
+    digits' 17 levels continuous, as a likelihood on dequantised data needs; ``0``: none).
+    """
+
+    name: str = "model"
+    data: str = field(default="digits", metadata=_choices(*TRAIN_DATA))
+    data_seed: int = 0
+    toy_samples: int = 50_000
+    dequantize: float = 0.0
+    objective: str = field(default="edm", metadata=_choices("edm", "flow_matching"))
+    sigma_data: float = 0.5
+    time_distribution: str = field(default="uniform", metadata=_choices("uniform", "logit_normal"))
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    steps: int = 10_000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    lr_schedule: str = field(default="cosine", metadata=_choices("constant", "cosine"))
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    steps_per_call: int = 100
+    save_every: int = 2_000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    output_dir: str = "checkpoints"
+    eval_samples: int = 1_000
+    eval_nfe: int = 20
+    eval_solver: str = "heun"
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "steps_per_call", "save_every", "keep_checkpoints", "toy_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}.")
+        for key in ("warmup_steps", "eval_samples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}.")
+        if self.dequantize < 0:
+            raise ConfigError(f"dequantize must be >= 0 (0: none); got {self.dequantize}.")
+        if not self.learning_rate > 0 or not self.sigma_data > 0:
+            raise ConfigError(f"learning_rate and sigma_data must be > 0; got {self.learning_rate}, {self.sigma_data}.")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(
+                f"ema_decay and label_dropout must be in [0, 1); got {self.ema_decay}, {self.label_dropout}.")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError(f"grad_clip and weight_decay must be >= 0; got {self.grad_clip}, {self.weight_decay}.")
+        if self.data != "digits" and self.network.num_classes:
+            raise ConfigError(f"network.num_classes must be 0 for data={self.data!r} (2-D toys have no labels).")
+        if self.data == "digits" and self.network.num_classes not in (0, 10):
+            raise ConfigError(f"network.num_classes must be 0 or 10 for data='digits'; got {self.network.num_classes}.")
+        if self.data != "digits" and self.network.kind == "unet":
+            raise ConfigError(f"network.kind='unet' needs image data (data='digits'); got data={self.data!r}.")
 
 
 @dataclass(frozen=True)
@@ -57,9 +159,49 @@ class ProcessConfig:
     options: dict = field(default_factory=dict)
 
 
+#: learned-solver methods (``fastsample.learned.METHODS``)
+FIT_METHODS = ("learned_grid", "bespoke_rk1", "bespoke_rk2", "bns", "dode", "iia")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Fitting learned solvers (``fastsample fit``): ``methods`` at every NFE of the experiment,
+    ``base`` solver on the experiment's schedule, ``num_train`` / ``num_val`` reference pairs.
+    Fits checkpoint to ``checkpoint_dir/<name>/<method>_<base>_nfe<k>`` and resume from there."""
+
+    methods: list[str] = field(default_factory=lambda: ["learned_grid", "bns", "dode"])
+    base: str = "dpmpp_2m"
+    num_train: int = 512
+    num_val: int = 128
+    steps: int = 400
+    batch_size: int = 128
+    learning_rate: float = 1e-2
+    eval_every: int = 50
+    patience: int | None = None
+    final_zero: bool = True
+    loss: str = field(default="endpoint", metadata=_choices("endpoint", "local"))
+    checkpoint_dir: str = "checkpoints/fits"
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in FIT_METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"fit.methods has unknown method(s) {bad or self.methods}; "
+                              f"allowed: {', '.join(FIT_METHODS)}.")
+        for key in ("num_train", "num_val", "steps", "batch_size", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"fit.{key} must be >= 1; got {getattr(self, key)}.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"fit.learning_rate must be > 0; got {self.learning_rate}.")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: which model, process, solvers, budgets and metrics."""
+    """One experiment: which model, process, solvers, budgets and metrics.
+
+    ``sample_plots``: also a PNG of the samples per solver and NFE (digit grids, 2-D scatter
+    plots). ``rtol``: tolerance of the adaptive solves (reference, likelihood ODE; ``null``: their
+    defaults). ``exact_trace``: the likelihood experiment's divergence (``null``: exact up to 16-D).
+    """
 
     name: str = "experiment"
     experiment: str = "compare_solvers"
@@ -74,6 +216,10 @@ class ExperimentConfig:
     dtype: str = field(default="float64", metadata=_choices("float32", "float64"))
     output_dir: str = "results"
     plots: bool = True
+    fit: FitConfig = field(default_factory=FitConfig)
+    sample_plots: bool = False
+    rtol: float | None = None
+    exact_trace: bool | None = None
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -83,6 +229,8 @@ class ExperimentConfig:
         for n in self.nfe:
             if n < 1:
                 raise ConfigError(f"nfe values must be >= 1; got {self.nfe}.")
+        if self.rtol is not None and not 0 < self.rtol < 1:
+            raise ConfigError(f"rtol must be in (0, 1) or null; got {self.rtol}.")
 
 
 def _check_type(value, tp, key: str):
@@ -107,6 +255,11 @@ def _check_type(value, tp, key: str):
         return config_from_dict(tp, value, prefix=key + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any:
         return value
     if tp is dict and isinstance(value, dict):
@@ -198,9 +351,14 @@ def build_process(cfg: ProcessConfig):
 
 
 def build_model(cfg: ModelConfig):
-    """The (Gaussian-mixture) model a :class:`ModelConfig` describes."""
+    """The model a :class:`ModelConfig` describes: a Gaussian mixture or a restored trained network
+    (both have ``.denoiser(process)`` and ``.dim``)."""
     from .models import GaussianMixture
 
+    if cfg.kind == "network":
+        from .models.checkpoints import load_network
+
+        return load_network(cfg.checkpoint, ema=cfg.ema)
     if cfg.kind == "gmm_digits":
         return GaussianMixture.digits(n_components=cfg.n_components, covariance=cfg.covariance, seed=cfg.seed)
     if cfg.kind == "gmm_ring":

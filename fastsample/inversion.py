@@ -147,12 +147,16 @@ class BDIADDIM(AbstractFastSolver):
         x_prev, t_prev = self.start
         return _BDIAState(jnp.asarray(x_prev, x.dtype), jnp.asarray(t_prev, x.dtype), jnp.asarray(True))
 
-    def update(self, denoiser, t0, t1, x, cond, state):
-        process = denoiser.process
+    def bdia_parts(self, denoiser, t0, t1, t_prev, x, cond):
+        """``(DDIM(x, t0 -> t1), DDIM(x, t0 -> t_prev))`` from one model evaluation. A BDIA step is
+        ``forward + gamma (x_prev - backward)``, affine in ``x_prev``: exact inversion and the
+        reversible gradients of :mod:`fastsample.gradients` rely on this split."""
         x0_hat = denoiser(x, t0, cond)
-        forward = ddim_step(process, t0, t1, x, x0_hat)
+        return ddim_step(denoiser.process, t0, t1, x, x0_hat), ddim_step(denoiser.process, t0, t_prev, x, x0_hat)
+
+    def update(self, denoiser, t0, t1, x, cond, state):
         # Before the first BDIA step the backward target is unused; t1 keeps it finite.
-        backward = ddim_step(process, t0, jnp.where(state.started, state.t_prev, t1), x, x0_hat)
+        forward, backward = self.bdia_parts(denoiser, t0, t1, jnp.where(state.started, state.t_prev, t1), x, cond)
         gamma = jnp.asarray(self.gamma, x.dtype)
         x1 = jnp.where(state.started, forward + gamma * (state.x_prev - backward), forward)
         return x1, _BDIAState(x, jnp.asarray(t0, x.dtype), jnp.asarray(True))

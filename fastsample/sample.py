@@ -12,9 +12,12 @@ import numpy as np
 
 from ._compat import is_traced
 from .denoisers import Denoiser
+from .gradients import AbstractGradient, get_gradient
+from .noise import NOISE_KINDS, AbstractNoise, make_noise
 from .processes import AbstractProcess
 from .solvers import AbstractFastSolver, DPMSolverAdaptive, get_solver
 from .solvers.exponential import ddim_step
+from .solvers.stochastic_base import AbstractStochasticSolver
 from .terms import ProbabilityFlowTerm
 from .timesteps import get_timesteps
 
@@ -83,17 +86,23 @@ def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> Non
 
 
 @eqx.filter_jit
-def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite):
+def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite, noise=None, gradient=None):
     state = solver.init_state(denoiser, x, cond, ts[-1], ts.shape[0] - 1)
 
     def body(carry, i):
         x, state = carry
-        x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
+        if noise is None:
+            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
+        else:  # stochastic solvers: the noise of step i comes from the scan index i
+            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state, noise.at_step(i, ts[i], ts[i + 1]))
         out = (x1 if return_trajectory else None, jnp.all(jnp.isfinite(x1)) if check_finite else None)
         return (x1, state), out
 
     steps = ts.shape[0] - 1
-    (x_final, _), (traj, finite) = jax.lax.scan(body, (x, state), jnp.arange(steps))
+    if gradient is not None and gradient.custom:  # a custom-VJP solve (adjoint, reversible)
+        (x_final, finite), traj = gradient.solve(solver, denoiser, x, ts, cond), None
+    else:  # the memory mode's scan: lax.scan, rematerialised or recursively checkpointed
+        (x_final, _), (traj, finite) = get_gradient(gradient or "full").scan(body, (x, state), steps)
     if check_finite:
         bad = ~finite
         first = jnp.argmax(bad)
@@ -110,6 +119,7 @@ def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite)
 #: at ``t_min``. Grids that start at pure noise (``alpha = 0``) need a data-prediction solver and a
 #: schedule defined there: UniPC-3 on the beta schedule.
 DEFAULT_SOLVER, DEFAULT_SCHEDULE = "ipndm", "ays"
+DEFAULT_NFE = 10
 PURE_NOISE_SOLVER, PURE_NOISE_SCHEDULE = "unipc_3", "beta"
 
 
@@ -135,18 +145,20 @@ def sample(
     denoiser: Denoiser,
     x_T,
     solver: str | AbstractFastSolver = "auto",
-    nfe: int | None = 10,
+    nfe: int | None = None,
     schedule: str = "auto",
     *,
     timesteps=None,
     final_zero: bool = False,
     cond: Any = None,
     key=None,
+    noise: str | AbstractNoise = "independent",
     solver_options: dict | None = None,
     schedule_options: dict | None = None,
     return_trajectory: bool = False,
     return_info: bool = False,
     check_finite: bool = False,
+    gradient: str | AbstractGradient = "full",
 ):
     """Sample by integrating from ``t_max`` to ``t_min`` (or ``0``) on a fixed grid.
 
@@ -155,17 +167,28 @@ def sample(
         x_T: the starting noise (see :func:`prior`).
         solver: a registry name (``fastsample.available_solvers()``), a solver instance, or
             ``"auto"``: the best measured training-free choice (:func:`default_choice`).
-        nfe: the budget of model evaluations; the solver turns it into a step count (a
-            ``ValueError`` says when it cannot use exactly this many).
+        nfe: the budget of model evaluations (default 10; a fitted solver's own NFE); the solver
+            turns it into a step count (a ``ValueError`` says when it cannot use exactly this many).
         schedule: a schedule name (``fastsample.timesteps.available_schedules()``) or ``"auto"``.
         timesteps: an explicit decreasing time grid instead of ``nfe``/``schedule`` (pass
             ``nfe=None``); its values are traced, so new values do not recompile.
         final_zero: end the grid at ``t = 0`` (the last step lands on the data prediction).
         cond: conditioning passed to the model.
-        key: PRNG key for stochastic solvers (unused by deterministic ones).
+        key: PRNG key, required by stochastic solvers (a ``ValueError`` names the solver when it is
+            missing) and ignored by deterministic ones. Sample ``b`` (leading axis) gets noise that
+            depends only on ``(key, b)``.
+        noise: the noise of stochastic solvers: ``"independent"`` (fresh normals per step from
+            ``fold_in(key, i)``), ``"brownian"`` (one Brownian path per sample, the same whatever the
+            NFE, over ``[0, t_max]``) or a :class:`fastsample.noise.AbstractNoise` (see
+            :mod:`fastsample.noise`).
         return_trajectory: also return every state, shape ``(steps + 1, *x_T.shape)``.
         return_info: also return a :class:`SampleInfo` (NFE used, steps, grid).
         check_finite: raise an error naming the first step whose state is not finite.
+        gradient: how reverse-mode gradients through the sampler are computed (the samples are the
+            same): ``"full"`` (plain scan), ``"remat"`` (each step rematerialised), ``"binomial"``
+            (recursive checkpointing, O(log N) stored states), ``"adjoint"`` (continuous adjoint,
+            AdjointDEIS; memory independent of N) or ``"reversible"`` (exact, by inverting BDIA-DDIM
+            steps; memory independent of N), or a :mod:`fastsample.gradients` mode instance.
 
     Returns:
         ``x_0``, followed by the trajectory and/or the info when asked for.
@@ -176,23 +199,48 @@ def sample(
         solver = default_choice(denoiser.process, (schedule_options or {}).get("t_start"))[0]
     solver = get_solver(solver, **(solver_options or {}))
     x_T = jnp.asarray(x_T)
+    gradient = get_gradient(gradient)
     if isinstance(solver, DPMSolverAdaptive):
         if return_trajectory or timesteps is not None:
             raise ValueError("dpm_solver_adaptive chooses its own steps: no `timesteps`, no trajectory.")
+        if gradient.name != "full":
+            raise ValueError(f"dpm_solver_adaptive supports gradient='full' only; got {gradient.name!r}.")
         return _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_options, return_info)
-    solver, ts, steps, ends_at_zero = resolve_grid(
-        solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
-    )
+    fitted_grid = solver.fitted_grid(denoiser.process, nfe)
+    if fitted_grid is None:
+        if nfe is None and timesteps is None:
+            nfe = DEFAULT_NFE
+        solver, ts, steps, ends_at_zero = resolve_grid(
+            solver, denoiser.process, nfe, schedule, timesteps, final_zero, schedule_options
+        )
+    elif timesteps is not None:
+        raise ValueError(f"{solver.name} was fitted with its own time grid; do not pass `timesteps`.")
+    else:  # a fitted solver brings its own grid (evaluation times may repeat, e.g. Heun's)
+        ts, steps, ends_at_zero = jnp.asarray(fitted_grid), fitted_grid.shape[0] - 1, False
     check_start(solver, denoiser.process, ts)
     ts = ts.astype(x_T.dtype)
-    del key  # reserved for stochastic solvers
-    x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite)
+    noise = _noise_for(solver, denoiser.process, key, noise, ts)
+    gradient.check(solver, return_trajectory=return_trajectory)
+    x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite, noise, gradient)
     out = (x,)
     if return_trajectory:
         out += (traj,)
     if return_info:
         out += (SampleInfo(solver.nfe(steps, ends_at_zero), steps, ts),)
     return out[0] if len(out) == 1 else out
+
+
+def _noise_for(solver, process, key, noise, ts):
+    """The noise source of a stochastic solver (``None`` for deterministic ones, which ignore ``key``)."""
+    if not isinstance(noise, AbstractNoise) and noise not in NOISE_KINDS:
+        raise ValueError(f"unknown noise {noise!r}; allowed: {', '.join(NOISE_KINDS)} or a fastsample.noise source.")
+    if not isinstance(solver, AbstractStochasticSolver):
+        return None
+    if key is None and not isinstance(noise, AbstractNoise):
+        raise ValueError(f"{solver.name} is a stochastic solver: pass a PRNG key, sample(..., key=jax.random.key(0)).")
+    if not is_traced(ts):
+        solver.check_grid(process, np.asarray(ts))
+    return make_noise(noise, key, 0.0, float(process.t_max))
 
 
 def _sample_adaptive(solver, denoiser, x_T, nfe, final_zero, cond, schedule_options, return_info):

@@ -67,7 +67,7 @@ def fit(
 
     Arguments:
         train, val: pytrees of arrays sharing a leading example axis (``val`` is held out and
-            decides the returned parameters and early stopping).
+            decides the returned parameters, the starting ones included, and early stopping).
         batch_size: examples per step (default: all); batches are drawn from
             ``fold_in(PRNGKey(seed), step)``, so a resumed fit sees the same batches.
         patience: stop after this many evaluations without a better validation loss.
@@ -128,6 +128,10 @@ def fit(
     params, opt_state = state["params"], state["opt_state"]
     best_params, best_val, bad = state["best_params"], float(state["best_val"]), int(state["bad_evals"])
     stopped, t0, done = False, time.perf_counter(), start
+    if val is not None and start == 0 and not np.isfinite(best_val):  # the starting point is a candidate too
+        best_val = float(val_loss_fn(params, val))
+        history.append({"step": 0, "val_loss": best_val, "seconds": 0.0})
+        _append_log(log_path, history[-1])
     bar = tqdm(range(start, steps), desc="fit", disable=not progress, initial=start, total=steps)
     loss = jnp.nan
     for step in bar:

@@ -46,7 +46,7 @@ def test_resumed_fit_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(resumed.params, full.params)
     np.testing.assert_array_equal(resumed.last_params, full.last_params)
     logged = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert logged == [10, 20, 30, 40, 50, 60]
+    assert logged == [0, 10, 20, 30, 40, 50, 60]  # step 0: the starting point, also a candidate
 
 
 def test_early_stopping_keeps_the_best_parameters():

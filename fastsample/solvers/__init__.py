@@ -4,23 +4,37 @@ from __future__ import annotations
 
 import functools
 
+from .ancestral import AncestralDDIM, EDMStochastic
 from .base import AbstractFastSolver
 from .deis import DEIS
 from .dpm_solver import DPMSolverAdaptive, DPMSolverFast, DPMSolverMultistep, DPMSolverSinglestep
 from .dpm_solver_v3 import DPMSolverV3
+from .er_sde import ERSDE
 from .exponential import DDIM
+from .langevin import EulerMaruyama, PCLangevin
 from .linear_multistep import IPNDM, LMS, PNDM
+from .restart import Restart
 from .runge_kutta import Euler, Heun
+from .sa_solver import SASolver
+from .sde_dpm import DPMSolverMultistepSDE, DPMSolverSDE
+from .stochastic_base import AbstractStochasticSolver
 from .unipc import UniC, UniPC
 from .wrappers import GHVB, HB, EpsScaling, TimeShift
 
 _p = functools.partial
 
+
+def _ddim(eta=0.0, **options):
+    """``ddim``: DDIM, or with ``eta > 0`` (or noise options) ancestral DDIM (a stochastic solver)."""
+    if not options and isinstance(eta, (int, float)) and eta == 0:
+        return DDIM()
+    return AncestralDDIM(eta=eta, label="ddim", **options)
+
 #: registry name -> constructor (keyword options are passed through)
 SOLVERS = {
     "euler": Euler,
     "heun": Heun,
-    "ddim": DDIM,
+    "ddim": _ddim,
     "dpm_solver_1": _p(DPMSolverSinglestep, order=1, prediction="eps"),
     "dpm_solver_2": _p(DPMSolverSinglestep, order=2, prediction="eps"),
     "dpm_solver_3": _p(DPMSolverSinglestep, order=3, prediction="eps"),
@@ -39,6 +53,18 @@ SOLVERS = {
     "pndm": PNDM,
     "unipc": _p(UniPC, order=2),
     "unipc_3": _p(UniPC, order=3),
+    # stochastic solvers (need sample(..., key=...))
+    "euler_maruyama": EulerMaruyama,
+    "euler_ancestral": _p(AncestralDDIM, label="euler_ancestral"),
+    "ddpm": _p(AncestralDDIM, eta=1.0, label="ddpm"),
+    "edm_stochastic": EDMStochastic,
+    "dpmpp_2m_sde": _p(DPMSolverMultistepSDE, order=2),
+    "dpmpp_3m_sde": _p(DPMSolverMultistepSDE, order=3),
+    "dpmpp_sde": DPMSolverSDE,
+    "pc_langevin": PCLangevin,
+    "sa_solver": SASolver,
+    "er_sde": ERSDE,
+    "restart": Restart,
 }
 
 
@@ -62,6 +88,16 @@ def get_solver(solver, **options) -> AbstractFastSolver | DPMSolverAdaptive:
 
 __all__ = [
     "AbstractFastSolver",
+    "AbstractStochasticSolver",
+    "AncestralDDIM",
+    "DPMSolverMultistepSDE",
+    "DPMSolverSDE",
+    "EDMStochastic",
+    "ERSDE",
+    "Restart",
+    "SASolver",
+    "EulerMaruyama",
+    "PCLangevin",
     "DDIM",
     "DEIS",
     "IPNDM",

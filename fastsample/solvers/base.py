@@ -57,6 +57,11 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     def min_steps(self) -> int:
         return 1
 
+    def fitted_grid(self, process, nfe):
+        """The time grid a fitted solver must run on (``None``: any grid). Fitted solvers refuse
+        here, with a ``ValueError``, a process or budget other than the ones they were fitted for."""
+        return None
+
     def for_budget(self, nfe: int, final_zero: bool = False) -> AbstractFastSolver:
         """This solver configured for a budget of ``nfe`` evaluations (solvers whose per-step
         orders depend on the budget override it; the others are budget-free)."""
