@@ -46,17 +46,9 @@ def _load_experiment(path: Path):
 
 def _experiment_name(config_path, overrides) -> str:
     """The ``experiment`` key of a config (after overrides), read before validation."""
-    import yaml
+    from .config import read_config
 
-    from .config import apply_overrides
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
-    name = apply_overrides(data, list(overrides)).get("experiment", ExperimentConfig.experiment)
+    name = read_config(config_path, overrides).get("experiment", ExperimentConfig.experiment)
     if not isinstance(name, str):
         raise ConfigError(f"experiment must be the name of a file in experiments/; got {name!r}.")
     return name

@@ -316,15 +316,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = (), cls=ExperimentConfig):
-    """Read a YAML config, apply ``key=value`` overrides, validate into ``cls``."""
+def read_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A YAML config (safe loader) with ``key=value`` overrides applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
-    return config_from_dict(cls, apply_overrides(data, list(overrides)))
+    return apply_overrides(data, list(overrides))
+
+
+def load_config(path: str | Path, overrides: list[str] = (), cls=ExperimentConfig):
+    """Read a YAML config, apply ``key=value`` overrides, validate into ``cls``."""
+    return config_from_dict(cls, read_config(path, overrides))
 
 
 # ----- building objects from configs -----------------------------------------------------------

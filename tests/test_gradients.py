@@ -225,8 +225,6 @@ def test_compiled_temporary_memory_of_each_mode():
 
 
 def test_stochastic_solvers_differentiate_a_fixed_noise_path(x64):
-    if "euler_ancestral" not in fs.available_solvers():
-        pytest.skip("no stochastic solver registered (euler_ancestral)")
     params, weights = _problem()
     params = {k: params[k] for k in ("x_T", "model")}
 
