@@ -146,6 +146,8 @@ def cmd_list(args) -> int:
     sections = {
         "solvers": ", ".join(fastsample.available_solvers()),
         "schedules": ", ".join(fastsample.available_schedules()),
+        "learned solvers": ", ".join(fastsample.learned.METHODS),
+        "gradient modes": ", ".join(fastsample.available_gradients()),
         "processes": f"{choices(ProcessConfig, 'kind')} (vp_discrete presets: {choices(ProcessConfig, 'preset')})",
         "models": choices(ModelConfig, "kind"),
         "networks": ", ".join(NETWORKS),

@@ -69,12 +69,15 @@ def test_new_config_keys_are_validated():
 def test_cli_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
-    assert set(out) == {"solvers", "schedules", "processes", "models", "networks", "objectives", "training data",
-                        "experiments"}
+    assert set(out) == {"solvers", "schedules", "learned solvers", "gradient modes", "processes", "models", "networks",
+                        "objectives", "training data", "experiments"}
+    assert out["learned solvers"].split(", ") == list(fs.learned.METHODS)
+    assert out["gradient modes"].split(", ") == list(fs.available_gradients())
     assert out["solvers"].split(", ") == fs.available_solvers()
     assert out["schedules"].split(", ") == fs.available_schedules()
     assert "flow_matching" in out["processes"] and "network" in out["models"] and out["networks"] == "mlp, unet"
-    assert {"compare_solvers", "sweep_network", "likelihood"} <= set(out["experiments"].split(", "))
+    assert {"compare_solvers", "sweep_network", "likelihood", "fit_solvers", "optimize_noise"} <= set(
+        out["experiments"].split(", "))
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -1,6 +1,9 @@
 """Learned solvers: programs reproduce their base solvers exactly, fitted solvers beat them on
 held-out noise, and fitted solvers save, load and refuse misuse."""
 
+import json
+from pathlib import Path
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -188,3 +191,21 @@ def test_saved_solver_round_trip(x64, tmp_path):
         load_solver(tmp_path)
     with pytest.raises(ValueError, match="fitted for nfe=4; got nfe=10"):
         fs.sample(denoiser, x_T, loaded, nfe=10)
+
+
+@pytest.mark.slow
+def test_fit_command_writes_loadable_solvers(tmp_path):
+    from fastsample.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "fit_digits.yaml"
+    args = ["fit", str(config), "model.kind=gmm_ring", "model.n_components=6", "process.kind=vp_linear", "nfe=[4]",
+            "schedule_options={}", "fit.methods=[learned_grid,dode]", "fit.steps=5", "fit.eval_every=5",
+            "fit.num_train=32", "fit.num_val=16", "fit.batch_size=16", "plots=false", f"output_dir={tmp_path / 'out'}",
+            f"fit.checkpoint_dir={tmp_path / 'ckpt'}", "--quiet"]
+    assert main(args) == 0
+    (folder,) = (tmp_path / "out").iterdir()
+    rows = json.loads((folder / "metrics.json").read_text())
+    assert [r["method"] for r in rows] == ["learned_grid", "dode"] and all(r["rmse"] > 0 for r in rows)
+    solver = load_solver(folder / "solvers" / "learned_grid_dpmpp_2m_nfe4")
+    assert solver.fitted_nfe == 4 and solver.process == "VPLinear"
+    assert (tmp_path / "ckpt" / "fit_digits" / "learned_grid_dpmpp_2m_nfe4").is_dir()  # the fit can resume
