@@ -209,3 +209,17 @@ def test_fit_command_writes_loadable_solvers(tmp_path):
     solver = load_solver(folder / "solvers" / "learned_grid_dpmpp_2m_nfe4")
     assert solver.fitted_nfe == 4 and solver.process == "VPLinear"
     assert (tmp_path / "ckpt" / "fit_digits" / "learned_grid_dpmpp_2m_nfe4").is_dir()  # the fit can resume
+
+
+def test_fit_solver_refuses_mismatched_reference_and_method(x64):
+    process = fs.VPLinear()
+    denoiser = GaussianMixture.ring(n=6).denoiser(process)
+    train, val = make_reference(denoiser, jax.random.PRNGKey(0), 12, (2,), t_end=process.t_min).split(8)
+    with pytest.raises(ValueError, match=r"final_zero=True needs reference endpoints at t = 0"):
+        fit_solver("dode", denoiser, train, val, 4, base="ddim")
+    with pytest.raises(ValueError, match="unknown method 'ld3'; known: learned_grid"):
+        fit_solver("ld3", denoiser, train, val, 4)
+    with pytest.raises(ValueError, match="loss='local' is Bespoke's loss"):
+        fit_solver("bns", denoiser, train, val, 4, final_zero=False, loss="local")
+    with pytest.raises(ValueError, match="bespoke_rk2 uses 2 evaluations per step; nfe=5 is odd"):
+        fit_solver("bespoke_rk2", denoiser, train, val, 5, final_zero=False)

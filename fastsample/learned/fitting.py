@@ -116,8 +116,9 @@ def fit_solver(
         raise ValueError(f"loss must be 'endpoint' or 'local'; got {loss!r}.")
     if loss == "local" and not method.startswith("bespoke"):
         raise ValueError(f"loss='local' is Bespoke's loss; {method} fits the endpoint.")
-    if abs(train.t_end - (0.0 if final_zero else denoiser.process.t_min)) > 0 and final_zero:
-        raise ValueError(f"final_zero=True needs reference endpoints at t = 0; these are at t = {train.t_end}.")
+    if final_zero != (train.t_end == 0.0):
+        raise ValueError(f"final_zero={final_zero} needs reference endpoints at t {'= 0' if final_zero else '> 0'} "
+                         f"(make_reference(t_end=...)); these are at t = {train.t_end}.")
     process = denoiser.process
     if method.startswith("bespoke"):
         order = int(method[-1])
@@ -131,6 +132,8 @@ def fit_solver(
         ts = base_grid(process, base, nfe, schedule, final_zero, t_start=train.t_start,
                        schedule_options=schedule_options)
         base_name = base
+    if not final_zero and not np.isclose(ts[-1], train.t_end, rtol=1e-12, atol=0):
+        raise ValueError(f"the grid ends at t = {ts[-1]} but the reference endpoints are at t = {train.t_end}.")
     meta = dict(fingerprint=model_fingerprint(denoiser))
 
     if method in ("dode", "iia"):
