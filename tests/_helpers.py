@@ -1,6 +1,10 @@
 """Helpers shared by the tests."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fastsample as fs
 
 
 def counting(model):
@@ -13,3 +17,16 @@ def counting(model):
         return model(x, t, cond)
 
     return counted, calls
+
+
+def assert_nfe_matches_calls(denoiser, solver, calls, step_counts, final_zero):
+    """For each step count: the NFE ``sample`` reports equals the model calls actually made (``calls``
+    from :func:`counting`), and the result is finite."""
+    for steps in step_counts:
+        calls.clear()
+        x, info = fs.sample(denoiser, jnp.ones((2, 2)), solver, nfe=solver.nfe(steps, final_zero),
+                            final_zero=final_zero, return_info=True)
+        x.block_until_ready()
+        jax.effects_barrier()
+        assert info.nfe == len(calls) and info.steps == steps
+        assert np.all(np.isfinite(np.asarray(x)))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import assert_nfe_matches_calls
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
@@ -151,14 +152,7 @@ def test_reported_nfe_equals_model_calls_and_no_nan(name, final_zero):
 
     d = fs.Denoiser(model, fs.VPLinear(), "x0")
     s = fs.get_solver(name)
-    for steps in (1, 2, 5):
-        calls.clear()
-        x, info = fs.sample(d, jnp.ones((2, 2)), s, nfe=s.nfe(steps, final_zero), final_zero=final_zero,
-                            return_info=True)
-        x.block_until_ready()
-        jax.effects_barrier()
-        assert info.nfe == len(calls) and info.steps == steps
-        assert np.all(np.isfinite(np.asarray(x)))
+    assert_nfe_matches_calls(d, s, calls, (1, 2, 5), final_zero)
 
 
 def test_singlestep_refuses_a_start_at_pure_noise():

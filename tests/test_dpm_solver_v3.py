@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import assert_nfe_matches_calls
 
 import fastsample as fs
 from fastsample.learned import EMS, estimate_ems
@@ -171,14 +172,7 @@ def test_reported_nfe_equals_model_calls_and_no_nan(order, corrector, final_zero
     lams = jnp.linspace(-6.0, 7.0, 64)
     ems = EMS(lams, *(jnp.asarray(0.3 * rng.normal(size=(64, 2)), jnp.float32) for _ in range(3)))
     s = DPMSolverV3(ems=ems, order=order, corrector=corrector)
-    for steps in (1, 5):
-        calls.clear()
-        x, info = fs.sample(d, jnp.ones((2, 2)), s, nfe=s.nfe(steps, final_zero), final_zero=final_zero,
-                            return_info=True)
-        x.block_until_ready()
-        jax.effects_barrier()
-        assert info.nfe == len(calls) and info.steps == steps
-        assert np.all(np.isfinite(np.asarray(x)))
+    assert_nfe_matches_calls(d, s, calls, (1, 5), final_zero)
 
 
 def test_bad_options():
