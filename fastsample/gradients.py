@@ -98,12 +98,23 @@ class AbstractGradient(eqx.Module):
 
 
 class Full(AbstractGradient):
-    """Plain ``lax.scan``: every step's residuals are stored (fastest, most memory)."""
+    """Plain ``lax.scan``: every step's residuals are stored (fastest, most memory).
 
+    ``unroll`` is ``lax.scan``'s: ``True`` unrolls the whole loop into straight-line code, which
+    lets XLA fuse one step's solver arithmetic with the next step's model input and drops the
+    loop's per-iteration bookkeeping (worth it on accelerators for few steps of a small model;
+    ``scripts/bench_accelerator`` measures it). The samples are the same."""
+
+    unroll: int | bool = eqx.field(static=True, default=1)
     name = "full"
 
+    def __check_init__(self):
+        if not (self.unroll is True or (isinstance(self.unroll, int) and not isinstance(self.unroll, bool)
+                                        and self.unroll >= 1)):
+            raise ValueError(f"Full unroll must be a positive integer or True; got {self.unroll!r}.")
+
     def scan(self, body, init, length: int):
-        return jax.lax.scan(body, init, jnp.arange(length))
+        return jax.lax.scan(body, init, jnp.arange(length), unroll=self.unroll)
 
 
 class Remat(AbstractGradient):

@@ -119,7 +119,7 @@ def test_full_remat_binomial_and_reversible_agree_in_float64(x64):
     reference = _grads(params, weights, None, "full", timesteps=True, gamma=True)
     assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(eqx.filter(reference,
                                                                                        eqx.is_inexact_array)))
-    for mode in ("remat", G.Binomial(3), "reversible"):
+    for mode in ("remat", G.Binomial(3), "reversible", G.Full(unroll=True), G.Full(unroll=4)):
         _assert_trees_close(_grads(params, weights, None, mode, timesteps=True, gamma=True), reference, 1e-6)
 
 
@@ -261,6 +261,9 @@ def test_bad_gradient_requests_raise_clear_errors():
         G.Binomial(branching=1)
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         G.Adjoint(order=3)
+    for bad in (0, False, 1.5):
+        with pytest.raises(ValueError, match="unroll must be a positive integer or True"):
+            G.Full(unroll=bad)
     with pytest.raises(ValueError, match="dpm_solver_adaptive supports gradient='full' only"):
         fs.sample(den, x, "dpm_solver_adaptive", nfe=None, gradient="remat")
     # The continuous adjoint has no gradient for the time grid: asking for one is an error.
