@@ -3,7 +3,7 @@
 The public API is re-exported here; everything else is private.
 """
 
-from . import data, gradients, learned, metrics, models, noise, processes, solvers, timesteps, training
+from . import data, distributed, gradients, learned, metrics, models, noise, processes, solvers, timesteps, training
 from .denoisers import Denoiser, Thresholding, convert_prediction
 from .gradients import available_gradients
 from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
@@ -44,6 +44,7 @@ __all__ = [
     "get_solver",
     "get_timesteps",
     "data",
+    "distributed",
     "gradients",
     "learned",
     "metrics",

@@ -69,10 +69,17 @@ def _precision(cfg):
 
 def cmd_run(args) -> int:
     from . import results
+    from .distributed import is_main_process
 
     experiment = _load_experiment(_find_experiment(_experiment_name(args.config, args.overrides), Path(args.config)))
     # an experiment with settings of its own declares its config class as CONFIG
     cfg = load_config(args.config, args.overrides, cls=getattr(experiment, "CONFIG", ExperimentConfig))
+    if not is_main_process():  # every process runs the experiment; only process 0 keeps what it writes
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fastsample-worker-") as scratch, _precision(cfg):
+            experiment.run(cfg, Path(scratch), progress=False)
+        return 0
     folder = results.new_results_dir(cfg.output_dir, cfg.name)
     with _precision(cfg):
         results.write_config(folder, config_to_dict(cfg))
@@ -97,15 +104,21 @@ def cmd_sample(args) -> int:
 
     from . import prior, sample
     from .config import build_model, build_process
+    from .distributed import gather, is_main_process
 
     cfg = load_config(args.config, args.overrides)
     with _precision(cfg):
         process = build_process(cfg.process)
         model = build_model(cfg.model)
         x_T = prior(process, jax.random.PRNGKey(cfg.seed), (cfg.num_samples, model.dim))
+        # several devices (or processes) share the batch when it splits evenly; the samples are the same
+        mesh = "all" if jax.device_count() > 1 and cfg.num_samples % jax.device_count() == 0 else None
         x = sample(model.denoiser(process), x_T, cfg.solvers[0], nfe=cfg.nfe[0], schedule=cfg.schedule,
-                   schedule_options=cfg.schedule_options)
-        np.save(args.out, np.asarray(x))
+                   schedule_options=cfg.schedule_options, mesh=mesh)
+        x = gather(x)
+    if not is_main_process():
+        return 0
+    np.save(args.out, x)
     print(f"wrote {cfg.num_samples} samples ({cfg.solvers[0]}, NFE {cfg.nfe[0]}) to {args.out}")
     return 0
 
@@ -113,12 +126,16 @@ def cmd_sample(args) -> int:
 def cmd_train_model(args) -> int:
     from . import results
     from .config import TrainConfig
+    from .distributed import is_main_process
     from .models.training import evaluate, train
 
     cfg = load_config(args.config, args.overrides, cls=TrainConfig)
     run_dir = Path(cfg.output_dir) / cfg.name
-    trained, state, losses = train(cfg, progress=not args.quiet, run_dir=run_dir)
+    # every process trains (checkpoints are saved collectively); only process 0 writes the evaluation
+    trained, state, losses = train(cfg, progress=not args.quiet and is_main_process(), run_dir=run_dir)
     row = {"name": cfg.name, "step": int(state.step), "final_loss": losses[-1] if losses else None}
+    if not is_main_process():
+        return 0
     if cfg.eval_samples > 0:
         metrics_row, x = evaluate(trained, cfg)
         row.update(metrics_row)
@@ -163,22 +180,28 @@ def cmd_list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsample", description="Few-step sampling of diffusion and flow models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run an experiment config and write a results folder")
+    multi = argparse.ArgumentParser(add_help=False)  # multi-process start-up (fastsample.distributed.initialize)
+    group = multi.add_argument_group("multi-process (default: one process; or FASTSAMPLE_* / JAX_* environment)")
+    group.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    group.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
+    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0 ... num-processes - 1")
+    p_run = sub.add_parser("run", parents=[multi], help="run an experiment config and write a results folder")
     p_run.add_argument("config")
     p_run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nfe=[5,10] model.seed=1")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
     p_run.set_defaults(func=cmd_run)
-    p_fit = sub.add_parser("fit", help="fit learned solvers (the config's fit section); resumes from checkpoints")
+    p_fit = sub.add_parser("fit", parents=[multi],
+                           help="fit learned solvers (the config's fit section); resumes from checkpoints")
     p_fit.add_argument("config")
     p_fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fit.steps=100 nfe=[5]")
     p_fit.add_argument("--quiet", action="store_true", help="no progress bar")
     p_fit.set_defaults(func=cmd_fit)
-    p_sample = sub.add_parser("sample", help="draw samples with the config's first solver and NFE")
+    p_sample = sub.add_parser("sample", parents=[multi], help="draw samples with the config's first solver and NFE")
     p_sample.add_argument("config")
     p_sample.add_argument("overrides", nargs="*")
     p_sample.add_argument("--out", default="samples.npy")
     p_sample.set_defaults(func=cmd_sample)
-    p_train = sub.add_parser("train-model", help="train a network from a training config (resumes)")
+    p_train = sub.add_parser("train-model", parents=[multi], help="train a network from a training config (resumes)")
     p_train.add_argument("config")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 network.hidden=128")
     p_train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -196,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
+        if args.command in ("run", "fit", "sample", "train-model"):
+            from .distributed import initialize
+
+            initialize(args.coordinator_address, args.num_processes, args.process_id)
         return args.func(args)
     except ConfigError as e:
         print(f"fastsample: config error: {e}", file=sys.stderr)

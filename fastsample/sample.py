@@ -12,6 +12,7 @@ import numpy as np
 
 from ._compat import is_traced
 from .denoisers import Denoiser
+from .distributed import shard_batch
 from .gradients import AbstractGradient, get_gradient
 from .noise import NOISE_KINDS, AbstractNoise, make_noise
 from .processes import AbstractProcess
@@ -159,6 +160,7 @@ def sample(
     return_info: bool = False,
     check_finite: bool = False,
     gradient: str | AbstractGradient = "full",
+    mesh=None,
 ):
     """Sample by integrating from ``t_max`` to ``t_min`` (or ``0``) on a fixed grid.
 
@@ -189,6 +191,12 @@ def sample(
             (recursive checkpointing, O(log N) stored states), ``"adjoint"`` (continuous adjoint,
             AdjointDEIS; memory independent of N) or ``"reversible"`` (exact, by inverting BDIA-DDIM
             steps; memory independent of N), or a :mod:`fastsample.gradients` mode instance.
+        mesh: ``None`` (default: no sharding, ``x_T`` stays where it is), ``"all"`` (every device of
+            every process) or a ``jax.sharding.Mesh`` with a ``"data"`` axis: ``x_T`` (the global
+            batch, the same on every process, or an already sharded global array) is split over
+            ``"data"`` along its leading axis and the result stays sharded
+            (:func:`fastsample.distributed.gather` brings it to every process). Sample ``b`` is the
+            same whatever the device count.
 
     Returns:
         ``x_0``, followed by the trajectory and/or the info when asked for.
@@ -198,7 +206,7 @@ def sample(
     if solver == "auto":
         solver = default_choice(denoiser.process, (schedule_options or {}).get("t_start"))[0]
     solver = get_solver(solver, **(solver_options or {}))
-    x_T = jnp.asarray(x_T)
+    x_T = jnp.asarray(x_T) if mesh is None else shard_batch(x_T, mesh)
     gradient = get_gradient(gradient)
     if isinstance(solver, DPMSolverAdaptive):
         if return_trajectory or timesteps is not None:

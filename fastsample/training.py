@@ -17,6 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from .distributed import data_mesh, gather, is_main_process, replicate, resolve_mesh, shard_batch
+
 __all__ = ["FitResult", "fit", "data_mesh"]
 
 
@@ -30,12 +32,6 @@ class FitResult(NamedTuple):
     steps: int
     best_val: float
     stopped_early: bool
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.array(devices), ("data",))
 
 
 def _num_examples(data) -> int:
@@ -72,7 +68,12 @@ def fit(
             ``fold_in(PRNGKey(seed), step)``, so a resumed fit sees the same batches.
         patience: stop after this many evaluations without a better validation loss.
         mesh: shard the data over its ``"data"`` axis (parameters are replicated); the batch size
-            must divide evenly. Results equal the 1-device fit up to reduction order.
+            must divide evenly. Results equal the 1-device fit up to reduction order. ``"all"``:
+            every device; in a multi-process job (:func:`fastsample.distributed.initialize`) ``None``
+            means ``"all"``. ``train`` and ``val`` are the *global* data, the same on every process
+            (e.g. drawn from the same key), or global arrays already placed with
+            :func:`fastsample.distributed.shard_batch`; every process gets the same result, and
+            only process 0 writes the log (all processes take part in checkpoints).
         checkpoint_dir: save the fit state there every ``checkpoint_every`` steps and resume
             from the latest checkpoint found there.
         log_path: append one JSON line per evaluation.
@@ -85,21 +86,23 @@ def fit(
     if steps < 0 or eval_every < 1 or checkpoint_every < 1:
         raise ValueError(f"need steps >= 0, eval_every >= 1, checkpoint_every >= 1; got {steps}, {eval_every}, "
                          f"{checkpoint_every}.")
+    mesh = resolve_mesh("all" if mesh is None and jax.process_count() > 1 else mesh)
     if mesh is not None:
         devices = mesh.shape["data"]
         if batch_size % devices or n % devices:
             raise ValueError(f"batch_size ({batch_size}) and the number of examples ({n}) must be multiples of the "
                              f"{devices} devices on the mesh's 'data' axis.")
-        shard, replicate = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-        train = jax.device_put(train, shard)
-        val = None if val is None else jax.device_put(val, NamedSharding(mesh, PartitionSpec("data")))
-        params = jax.device_put(params, replicate)
+        shard = NamedSharding(mesh, PartitionSpec("data"))
+        train = shard_batch(train, mesh)
+        if val is not None:  # a held-out set that does not split evenly is replicated
+            val = shard_batch(val, mesh) if _num_examples(val) % devices == 0 else replicate(val, mesh)
+        params = replicate(params, mesh)
     else:
         shard = None
     key = jax.random.PRNGKey(seed)
 
     @jax.jit
-    def step_fn(params, opt_state, step):
+    def step_fn(params, opt_state, step, train):
         if batch_size == n:
             batch = train
         else:
@@ -116,11 +119,15 @@ def fit(
         "params": params, "opt_state": optimizer.init(params), "best_params": params,
         "step": jnp.asarray(0), "best_val": jnp.asarray(np.inf), "bad_evals": jnp.asarray(0),
     }
+    if mesh is not None:  # checkpoints hold (and restore into) arrays replicated on the mesh
+        state = replicate(state, mesh)
     manager = _manager(checkpoint_dir, checkpoint_every)
     if manager is not None and manager.latest_step() is not None:
         state = _restore(manager, state)
     start = int(state["step"])
     history = _read_log(log_path, upto=start)
+    if log_path is not None and not is_main_process():
+        log_path = None  # one writer per job
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -135,7 +142,7 @@ def fit(
     bar = tqdm(range(start, steps), desc="fit", disable=not progress, initial=start, total=steps)
     loss = jnp.nan
     for step in bar:
-        params, opt_state, loss = step_fn(params, opt_state, step)
+        params, opt_state, loss = step_fn(params, opt_state, step, train)
         done = step + 1
         if done % eval_every == 0 or done == steps:
             record = {"step": done, "train_loss": float(loss), "seconds": round(time.perf_counter() - t0, 3)}
@@ -151,15 +158,17 @@ def fit(
             bar.set_postfix(loss=f"{float(loss):.3g}", val=f"{record.get('val_loss', float('nan')):.3g}")
             stopped = patience is not None and bad >= patience
         if manager is not None and (done % checkpoint_every == 0 or done == steps or stopped):
-            _save(manager, done, {"params": params, "opt_state": opt_state, "best_params": best_params,
-                                  "step": jnp.asarray(done), "best_val": jnp.asarray(best_val),
-                                  "bad_evals": jnp.asarray(bad)})
+            snapshot = {"params": params, "opt_state": opt_state, "best_params": best_params,
+                        "step": jnp.asarray(done), "best_val": jnp.asarray(best_val), "bad_evals": jnp.asarray(bad)}
+            _save(manager, done, snapshot if mesh is None else replicate(snapshot, mesh))
         if stopped:
             break
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
     final = best_params if val is not None and np.isfinite(best_val) else params
+    if jax.process_count() > 1:  # replicated global arrays -> this process's own copies
+        final, params = jax.tree.map(lambda a: jnp.asarray(gather(a)), (final, params))
     return FitResult(final, params, history, done, best_val, stopped)
 
 

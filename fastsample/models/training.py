@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from ..denoisers import Denoiser
+from ..distributed import batch_sharding, gather, replicate, resolve_mesh
 from ..processes import EDM, AbstractProcess, FlowMatching
 from .networks import NetworkFn, make_network
 
@@ -288,7 +289,8 @@ def init_train_state(net: NetworkFn, optimizer, seed: int) -> TrainState:
 
 @eqx.filter_jit
 def train_steps(state: TrainState, net: NetworkFn, objective, optimizer, x_data, labels, n_steps: int,
-                batch_size: int, ema_decay: float, label_dropout: float, null_class: int, dequantize: float = 0.0):
+                batch_size: int, ema_decay: float, label_dropout: float, null_class: int, dequantize: float = 0.0,
+                batch_sharding=None):
     """``n_steps`` training steps (one ``lax.scan``); returns ``(state, losses)``.
 
     Each step draws a batch of ``batch_size`` indices with replacement, adds uniform noise of width
@@ -297,6 +299,8 @@ def train_steps(state: TrainState, net: NetworkFn, objective, optimizer, x_data,
     null class with probability ``label_dropout`` (classifier-free guidance training), takes an
     optimizer step on the objective's loss and updates the EMA of the weights with decay
     ``min(ema_decay, (1 + step) / (10 + step))``. ``labels`` is ``None`` for unconditional training.
+    ``batch_sharding`` (a ``NamedSharding`` over a ``"data"`` axis) splits each batch over devices
+    (data parallelism; the same numbers up to reduction order).
     """
 
     def one(state, _):
@@ -309,6 +313,9 @@ def train_steps(state: TrainState, net: NetworkFn, objective, optimizer, x_data,
         if labels is not None:
             drop = jax.random.bernoulli(k_drop, label_dropout, (batch_size,))
             cond = jnp.where(drop, null_class, labels[idx])
+        if batch_sharding is not None:
+            x0 = jax.lax.with_sharding_constraint(x0, batch_sharding)
+            cond = None if cond is None else jax.lax.with_sharding_constraint(cond, batch_sharding)
 
         def loss_fn(params):
             return objective.loss(net.replace(params), x0, k_loss, cond)
@@ -372,7 +379,7 @@ def _next_boundary(step: int, total: int, chunk: int, save_every: int) -> int:
     return min((step // chunk + 1) * chunk, (step // save_every + 1) * save_every, total)
 
 
-def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=None):
+def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=None, mesh=None):
     """Train the network a :class:`fastsample.config.TrainConfig` describes, with checkpoints.
 
     The run lives in ``run_dir`` (default ``cfg.output_dir / cfg.name``). If it holds a checkpoint
@@ -380,6 +387,11 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
     once). Checkpoints are written every ``save_every`` steps and at the end; ``stop_at`` stops
     (after a checkpoint) at that step, as an interrupted run would, and an interrupt (Ctrl-C) also
     saves the last completed chunk before it propagates.
+
+    ``mesh`` (a ``Mesh`` with a ``"data"`` axis, or ``"all"``; in a multi-process job ``None``
+    means ``"all"``) replicates the state and splits each batch over ``"data"`` when the batch size
+    divides evenly; every process then trains the same state and all of them save checkpoints
+    together (orbax writes once).
 
     Returns:
         ``(trained, state, losses)``: the :class:`TrainedNetwork` with EMA weights, the final
@@ -405,6 +417,12 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
         state = template
     x_data = jnp.asarray(x_np)
     labels = None if labels_np is None else jnp.asarray(labels_np)
+    mesh = resolve_mesh("all" if mesh is None and jax.process_count() > 1 else mesh)
+    sharding = None
+    if mesh is not None:
+        state, x_data, labels = replicate((state, x_np, labels_np), mesh)
+        if cfg.batch_size % mesh.shape["data"] == 0:
+            sharding = batch_sharding(mesh)
     step = int(state.step)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     losses = []
@@ -414,7 +432,7 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
             nxt = min(_next_boundary(step, cfg.steps, cfg.steps_per_call, cfg.save_every), end)
             state, chunk_losses = train_steps(
                 state, fresh.net, fresh.objective, optimizer, x_data, labels, nxt - step, cfg.batch_size,
-                cfg.ema_decay, cfg.label_dropout, cfg.network.num_classes, cfg.dequantize,
+                cfg.ema_decay, cfg.label_dropout, cfg.network.num_classes, cfg.dequantize, sharding,
             )
             loss = float(jnp.mean(chunk_losses))
             if not math.isfinite(loss):
@@ -431,6 +449,8 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
         raise
     finally:
         bar.close()
+    if jax.process_count() > 1:  # replicated global arrays -> this process's own copies
+        state = jax.tree.map(lambda a: jnp.asarray(gather(a)), state)
     trained = TrainedNetwork(fresh.net.replace(state.ema), fresh.objective, spec["dim"],
                              spec["options"]["num_classes"])
     return trained, state, losses
