@@ -180,6 +180,8 @@ class FitConfig:
     patience: int | None = None
     final_zero: bool = True
     loss: str = field(default="endpoint", metadata=_choices("endpoint", "local"))
+    #: start bns / bespoke from the fitted learned grid of their base (``fit_solver(warm_start=True)``)
+    warm_start: bool = False
     checkpoint_dir: str = "checkpoints/fits"
 
     def __post_init__(self):

@@ -92,6 +92,7 @@ def test_parametrized_solvers_start_at_their_base_solver(x64, process):
     midpoint = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(denoiser), diffrax.Midpoint(), ts[0], ts[-1], None, x_T,
                                    stepsize_controller=diffrax.StepTo(ts=ts)).ys[0]
     np.testing.assert_allclose(fs.sample(denoiser, x_T, rk2.solver(p2)), midpoint, atol=1e-12)
+    np.testing.assert_allclose(fs.sample(denoiser, x_T, "midpoint", nfe=None, timesteps=ts), midpoint, atol=1e-12)
     base = fs.sample(denoiser, x_T, "dpmpp_2m", nfe=None, timesteps=ts)
     bns = NonStationary.create(process, "dpmpp_2m", ts)
     np.testing.assert_allclose(fs.sample(denoiser, x_T, bns.solver(bns.init(ts))), base, atol=1e-12)
@@ -140,6 +141,22 @@ def test_fitted_solver_beats_its_base_on_held_out_noise(ring_reference, method, 
                                 optimizer=optax.adam(2e-2))
     assert report.fitted_rmse < 0.8 * report.base_rmse, report
     assert solver.fitted_nfe == nfe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, nfe", [("bns", 4), ("bespoke_rk2", 6)])
+def test_warm_start_begins_at_the_learned_grid_and_improves_on_it(ring_reference, method, nfe):
+    """BNS / Bespoke contain every grid of their base: started from the fitted learned grid (of
+    ddim / the midpoint rule), their first held-out loss is the grid's, and the fit improves it."""
+    denoiser, train, val = ring_reference
+    _, report = fit_solver(method, denoiser, train, val, nfe, base="ddim", steps=100, eval_every=25,
+                           optimizer=optax.adam(2e-2), warm_start=True)
+    grid = report.warm_start
+    assert grid.method == "learned_grid" and grid.base == ("ddim" if method == "bns" else "midpoint")
+    assert report.base_rmse == grid.base_rmse  # the base solver on the schedule, as for every method
+    np.testing.assert_allclose(report.history[0]["val_loss"], grid.fitted_rmse ** 2, rtol=1e-9)
+    assert grid.fitted_rmse < grid.base_rmse and report.fitted_rmse < 0.9 * grid.fitted_rmse, report
+    assert report.timesteps.shape == grid.timesteps.shape
 
 
 @pytest.mark.slow
@@ -199,16 +216,19 @@ def test_fit_command_writes_loadable_solvers(tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "configs" / "fit_digits.yaml"
     args = ["fit", str(config), "model.kind=gmm_ring", "model.n_components=6", "process.kind=vp_linear", "nfe=[4]",
-            "schedule_options={}", "fit.methods=[learned_grid,dode]", "fit.steps=5", "fit.eval_every=5",
+            "schedule_options={}", "fit.methods=[learned_grid,bns,dode]", "fit.steps=5", "fit.eval_every=5",
             "fit.num_train=32", "fit.num_val=16", "fit.batch_size=16", "plots=false", f"output_dir={tmp_path / 'out'}",
             f"fit.checkpoint_dir={tmp_path / 'ckpt'}", "--quiet"]
     assert main(args) == 0
     (folder,) = (tmp_path / "out").iterdir()
     rows = json.loads((folder / "metrics.json").read_text())
-    assert [r["method"] for r in rows] == ["learned_grid", "dode"] and all(r["rmse"] > 0 for r in rows)
+    assert [r["method"] for r in rows] == ["learned_grid", "bns", "dode"] and all(r["rmse"] > 0 for r in rows)
     solver = load_solver(folder / "solvers" / "learned_grid_dpmpp_2m_nfe4")
     assert solver.fitted_nfe == 4 and solver.process == "VPLinear"
     assert (tmp_path / "ckpt" / "fit_digits" / "learned_grid_dpmpp_2m_nfe4").is_dir()  # the fit can resume
+    # bns starts from its own learned grid (the config's warm_start), which keeps checkpoints of its own
+    assert (tmp_path / "ckpt" / "fit_digits" / "bns_dpmpp_2m_nfe4.learned_grid").is_dir()
+    assert load_solver(folder / "solvers" / "bns_dpmpp_2m_nfe4").method == "bns"
 
 
 def test_fit_solver_refuses_mismatched_reference_and_method(x64):
@@ -223,3 +243,13 @@ def test_fit_solver_refuses_mismatched_reference_and_method(x64):
         fit_solver("bns", denoiser, train, val, 4, final_zero=False, loss="local")
     with pytest.raises(ValueError, match="bespoke_rk2 uses 2 evaluations per step; nfe=5 is odd"):
         fit_solver("bespoke_rk2", denoiser, train, val, 5, final_zero=False)
+    with pytest.raises(ValueError, match="warm_start applies to bns, bespoke_rk1, bespoke_rk2; not to dode"):
+        fit_solver("dode", denoiser, train, val, 4, final_zero=False, warm_start=True)
+    ts = np.asarray(fs.get_timesteps(process, 4, "logsnr_uniform"))
+    with pytest.raises(ValueError, match="do not pass `timesteps` too"):
+        fit_solver("bns", denoiser, train, val, 4, final_zero=False, warm_start=True, timesteps=ts)
+    with pytest.raises(ValueError, match="give bespoke_rk2 \\(ddim\\) 8 evaluations, not nfe=4"):
+        fit_solver("bespoke_rk2", denoiser, train, val, 4, base="ddim", final_zero=False, timesteps=ts)
+    with pytest.raises(ValueError, match="final_zero=True but the timesteps end at t = "):
+        fit_solver("bns", denoiser, *make_reference(denoiser, jax.random.PRNGKey(0), 12, (2,)).split(8), 4,
+                   timesteps=ts)

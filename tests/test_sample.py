@@ -86,7 +86,7 @@ def _fitted_order(errors, steps):
 
 
 @pytest.mark.parametrize("proc", ["vp_linear", "edm"])
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("ddim", 1), ("heun", 2)])
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("ddim", 1), ("heun", 2), ("midpoint", 2)])
 def test_convergence_order_on_a_2d_mixture(x64, proc, solver, order):
     p = PROCS[proc]
     d = GaussianMixture.ring(n=8, radius=2.0, std=0.3).denoiser(p)
@@ -105,7 +105,7 @@ def test_convergence_order_on_a_2d_mixture(x64, proc, solver, order):
     assert abs(_fitted_order(errors, steps) - order) < 0.3, errors
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "ddim"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "midpoint"])
 def test_scan_driver_matches_diffeqsolve(x64, solver):
     p = fs.VPLinear()
     d = GaussianMixture.ring().denoiser(p)
@@ -115,9 +115,10 @@ def test_scan_driver_matches_diffeqsolve(x64, solver):
     sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), fs.get_solver(solver), ts[0], ts[-1], None, x_T,
                               stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
     np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-6, atol=1e-6)
-    # and Euler is diffrax's own Euler on the probability-flow term
-    if solver == "euler":
-        sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), diffrax.Euler(), ts[0], ts[-1], None, x_T,
+    # and Euler / the midpoint rule are diffrax's own on the probability-flow term
+    if solver in ("euler", "midpoint"):
+        own = diffrax.Euler() if solver == "euler" else diffrax.Midpoint()
+        sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), own, ts[0], ts[-1], None, x_T,
                                   stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
         np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-10, atol=1e-10)
 
@@ -135,7 +136,7 @@ def test_euler_in_edm_variables_equals_ddim(x64):
     np.testing.assert_allclose(y * p.alpha(p.t_min), x_ddim, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "ddim"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "midpoint"])
 @pytest.mark.parametrize("final_zero", [False, True])
 def test_reported_nfe_equals_model_calls(solver, final_zero):
     p = fs.EDM()

@@ -10,6 +10,7 @@ through :func:`fastsample.sample` and is saved with :func:`save_solver`.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ from .parametrized import Bespoke, LearnedGrid, NonStationary
 from .program import ProgramSolver
 from .reference import ReferenceSet
 
-__all__ = ["METHODS", "FitReport", "fit_solver", "model_fingerprint", "base_grid"]
+__all__ = ["METHODS", "WARM_STARTABLE", "FitReport", "fit_solver", "model_fingerprint", "base_grid"]
 
 #: method name -> (what it learns, gradient-fitted?)
 METHODS = {
@@ -42,7 +43,8 @@ METHODS = {
 
 class FitReport(NamedTuple):
     """What a fit did: the method, parameter count, held-out RMSE of the base solver and of the
-    fitted one, and the optimisation history (empty for closed-form methods)."""
+    fitted one, the optimisation history (empty for closed-form methods; a warm start's first),
+    the base grid the fit started from and, after a warm start, the learned grid's report."""
 
     method: str
     base: str
@@ -52,6 +54,11 @@ class FitReport(NamedTuple):
     fitted_rmse: float
     params: Any
     history: list
+    timesteps: Any = None
+    warm_start: Any = None
+
+#: methods that contain the learned grid of their base solver, and that base (``None``: ``base``)
+WARM_STARTABLE = {"bns": None, "bespoke_rk1": "euler", "bespoke_rk2": "midpoint"}
 
 
 def model_fingerprint(denoiser: Denoiser) -> str:
@@ -101,6 +108,8 @@ def fit_solver(
     log_path=None,
     progress: bool = False,
     cond=None,
+    timesteps=None,
+    warm_start: bool = False,
 ) -> tuple[ProgramSolver, FitReport]:
     """Fit ``method`` (see :data:`METHODS`) for ``denoiser`` at a budget of ``nfe`` evaluations.
 
@@ -109,6 +118,12 @@ def fit_solver(
     reported). The base solver runs on ``schedule`` with ``schedule_options`` (Bespoke: Euler /
     midpoint on it) from ``train.t_start``; ``final_zero`` ends the grid at ``t = 0``. ``loss="local"`` selects
     Bespoke's local-truncation loss (needs reference sets with a trajectory).
+
+    ``timesteps`` replaces the schedule by an explicit base grid. ``warm_start=True`` (``bns``,
+    ``bespoke_rk1``, ``bespoke_rk2``) first fits ``learned_grid`` for the method's base solver
+    (``base``; Euler / the midpoint rule for Bespoke) with the same settings and starts from its
+    grid: these methods contain every grid of their base, so they start at the learned grid's
+    error (its checkpoints and log get the suffix ``.learned_grid``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
@@ -120,7 +135,28 @@ def fit_solver(
         raise ValueError(f"final_zero={final_zero} needs reference endpoints at t {'= 0' if final_zero else '> 0'} "
                          f"(make_reference(t_end=...)); these are at t = {train.t_end}.")
     process = denoiser.process
-    if method.startswith("bespoke"):
+    if warm_start:
+        if method not in WARM_STARTABLE:
+            raise ValueError(f"warm_start applies to {', '.join(WARM_STARTABLE)}; not to {method}.")
+        if timesteps is not None:
+            raise ValueError("warm_start learns the starting grid: do not pass `timesteps` too.")
+        suffix = lambda p: None if p is None else Path(f"{p}.learned_grid")  # noqa: E731
+        _, grid_report = fit_solver(
+            "learned_grid", denoiser, train, val, nfe, base=WARM_STARTABLE[method] or base, schedule=schedule,
+            schedule_options=schedule_options, final_zero=final_zero, optimizer=optimizer, steps=steps,
+            batch_size=batch_size, eval_every=eval_every, patience=patience, seed=seed, mesh=mesh,
+            checkpoint_dir=suffix(checkpoint_dir), log_path=suffix(log_path), progress=progress, cond=cond)
+        solver, report = fit_solver(
+            method, denoiser, train, val, nfe, base=base, final_zero=final_zero, loss=loss, optimizer=optimizer,
+            steps=steps, batch_size=batch_size, eval_every=eval_every, patience=patience, seed=seed, mesh=mesh,
+            checkpoint_dir=checkpoint_dir, log_path=log_path, progress=progress, cond=cond,
+            timesteps=grid_report.timesteps)
+        return solver, report._replace(base=grid_report.base, base_rmse=grid_report.base_rmse, warm_start=grid_report)
+    if timesteps is not None:
+        ts = _explicit_grid(process, timesteps, method, base, nfe, final_zero, train.t_start)
+        base_name = {"bespoke_rk1": "euler", "bespoke_rk2": "midpoint"}.get(method, base)
+        order = int(method[-1]) if method.startswith("bespoke") else None
+    elif method.startswith("bespoke"):
         order = int(method[-1])
         steps_n = nfe if order == 1 else nfe // 2
         if order == 2 and nfe % 2:
@@ -178,9 +214,29 @@ def fit_solver(
         base_x = sample(denoiser, val.x_T, base, nfe=None, timesteps=jnp.asarray(ts, val.x_T.dtype), cond=cond)
     else:
         base_x = base_solver[2](base_solver[1], val.x_T)
+    if method == "learned_grid":
+        ts = np.asarray(model.timesteps(params))
     report = FitReport(solver.method, base_name, solver.fitted_nfe, _count(params), _rmse(base_x, val.x_end),
-                       fitted, params, history)
+                       fitted, params, history, np.asarray(ts))
     return solver, report
+
+
+def _explicit_grid(process, timesteps, method, base, nfe, final_zero, t_start) -> np.ndarray:
+    """Check an explicit base grid: it starts at the reference's ``t_start``, ends at ``0`` iff
+    ``final_zero`` and gives the base solver exactly ``nfe`` evaluations."""
+    ts = np.asarray(timesteps, np.float64)
+    process.check_times(ts, name="timesteps")
+    if not np.isclose(ts[0], t_start, rtol=1e-9, atol=0):
+        raise ValueError(f"timesteps start at t = {ts[0]} but the reference noise is at t = {t_start}.")
+    if bool(ts[-1] == 0.0) != bool(final_zero):
+        raise ValueError(f"final_zero={final_zero} but the timesteps end at t = {ts[-1]}.")
+    if method.startswith("bespoke"):
+        used = (len(ts) - 1) * int(method[-1])
+    else:
+        used = get_solver(base).nfe(len(ts) - 1, bool(final_zero))
+    if used != nfe:
+        raise ValueError(f"the {len(ts) - 1}-step timesteps give {method} ({base}) {used} evaluations, not nfe={nfe}.")
+    return ts
 
 
 def _count(params) -> int:

@@ -14,7 +14,7 @@ from .exponential import DDIM
 from .langevin import EulerMaruyama, PCLangevin
 from .linear_multistep import IPNDM, LMS, PNDM
 from .restart import Restart
-from .runge_kutta import Euler, Heun
+from .runge_kutta import Euler, Heun, Midpoint
 from .sa_solver import SASolver
 from .sde_dpm import DPMSolverMultistepSDE, DPMSolverSDE
 from .stochastic_base import AbstractStochasticSolver
@@ -34,6 +34,7 @@ def _ddim(eta=0.0, **options):
 SOLVERS = {
     "euler": Euler,
     "heun": Heun,
+    "midpoint": Midpoint,
     "ddim": _ddim,
     "dpm_solver_1": _p(DPMSolverSinglestep, order=1, prediction="eps"),
     "dpm_solver_2": _p(DPMSolverSinglestep, order=2, prediction="eps"),
@@ -113,6 +114,7 @@ __all__ = [
     "GHVB",
     "HB",
     "Heun",
+    "Midpoint",
     "TimeShift",
     "UniC",
     "UniPC",
