@@ -7,8 +7,11 @@
 - :mod:`.fitting`: :func:`fit_solver`, one entry point for all of them.
 - :mod:`.io`: :func:`save_solver` / :func:`load_solver`.
 - :mod:`.ems`: empirical model statistics for DPM-Solver-v3.
+- :mod:`.ays`: Align Your Steps, schedules that minimise the KL upper bound (:func:`optimize_ays`).
+- :mod:`.schedule_search`: GITS, the schedule by dynamic programming against a teacher (:func:`search_schedule`).
 """
 
+from .ays import AYSResult, optimize_ays
 from .distill import fit_dode, fit_iia, refine_grid
 from .ems import EMS, estimate_ems
 from .fitting import METHODS, FitReport, fit_solver, model_fingerprint
@@ -16,8 +19,10 @@ from .io import load_solver, save_solver
 from .parametrized import Bespoke, LearnedGrid, NonStationary
 from .program import LinearProgram, ProgramSolver, extract_program
 from .reference import ReferenceSet, exact_endpoint, make_reference
+from .schedule_search import SearchResult, search_schedule
 
 __all__ = [
+    "AYSResult",
     "EMS",
     "METHODS",
     "Bespoke",
@@ -27,6 +32,7 @@ __all__ = [
     "NonStationary",
     "ProgramSolver",
     "ReferenceSet",
+    "SearchResult",
     "estimate_ems",
     "exact_endpoint",
     "extract_program",
@@ -36,6 +42,8 @@ __all__ = [
     "load_solver",
     "make_reference",
     "model_fingerprint",
+    "optimize_ays",
     "refine_grid",
     "save_solver",
+    "search_schedule",
 ]
