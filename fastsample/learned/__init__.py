@@ -8,10 +8,12 @@
 - :mod:`.io`: :func:`save_solver` / :func:`load_solver`.
 - :mod:`.ems`: empirical model statistics for DPM-Solver-v3.
 - :mod:`.ays`: Align Your Steps, schedules that minimise the KL upper bound (:func:`optimize_ays`).
+- :mod:`.dc_solver`: DC-Solver, dynamic compensation of multistep solvers, and its cascade regression.
 - :mod:`.schedule_search`: GITS, the schedule by dynamic programming against a teacher (:func:`search_schedule`).
 """
 
 from .ays import AYSResult, optimize_ays
+from .dc_solver import CascadeRegression, DCReport, DCSolver, fit_dc_solver
 from .distill import fit_dode, fit_iia, refine_grid
 from .ems import EMS, estimate_ems
 from .fitting import METHODS, FitReport, fit_solver, model_fingerprint
@@ -23,6 +25,9 @@ from .schedule_search import SearchResult, search_schedule
 
 __all__ = [
     "AYSResult",
+    "CascadeRegression",
+    "DCReport",
+    "DCSolver",
     "EMS",
     "METHODS",
     "Bespoke",
@@ -36,6 +41,7 @@ __all__ = [
     "estimate_ems",
     "exact_endpoint",
     "extract_program",
+    "fit_dc_solver",
     "fit_dode",
     "fit_iia",
     "fit_solver",
