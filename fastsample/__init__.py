@@ -3,11 +3,26 @@
 The public API is re-exported here; everything else is private.
 """
 
-from . import data, distributed, gradients, learned, metrics, models, noise, processes, solvers, timesteps, training
+from . import (
+    data,
+    distributed,
+    gradients,
+    guidance,
+    learned,
+    metrics,
+    models,
+    noise,
+    parallel,
+    processes,
+    solvers,
+    timesteps,
+    training,
+)
 from .denoisers import Denoiser, Thresholding, convert_prediction
 from .gradients import available_gradients
 from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
 from .noise import BrownianNoise, IndependentNoise
+from .parallel import PicardInfo, sample_picard
 from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
 from .sample import SampleInfo, prior, reference_solve, sample
 from .solvers import SOLVERS, AbstractFastSolver, AbstractStochasticSolver, available_solvers, get_solver
@@ -46,13 +61,17 @@ __all__ = [
     "data",
     "distributed",
     "gradients",
+    "guidance",
     "learned",
     "metrics",
+    "parallel",
     "models",
     "noise",
     "prior",
     "processes",
     "reference_solve",
+    "sample_picard",
+    "PicardInfo",
     "sample",
     "solvers",
     "timesteps",

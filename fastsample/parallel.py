@@ -1,0 +1,366 @@
+"""Parallel-in-time sampling: Picard iteration over a sliding window of solver steps.
+
+ParaDiGMS (Shih, Belkhale, Ermon, Sadigh, Anari: Parallel Sampling of Diffusion Models, 2023)
+guesses the whole trajectory and refines it by Picard iteration: all model evaluations of a window
+of steps run as one batched call, and the window slides past the steps whose state stopped
+changing. DreamPropeller (Zhou et al.: DreamPropeller: Supercharge Text-to-3D Generation with
+Parallel Sampling, 2024) generalises the Picard update from Euler steps to other update rules.
+
+Here the update rule is any fixed-grid solver of the registry. Once the grid is fixed, a solver is a
+:class:`~fastsample.learned.program.LinearProgram`: the input of model evaluation ``k`` is
+
+    y_k = a_k x_T + sum_{j<k} B_kj D_j + n_k,        D_j = denoiser(y_j, tau_j),
+
+with ``n_k = 0`` for deterministic solvers and, for stochastic ones, the contribution of the noise,
+drawn upfront from the same source (and key) as :func:`fastsample.sample`. The fixed point of
+``D -> denoiser(a x_T + B D + n)`` is the sequential solution; iterating it is the Picard
+iteration of the discretised integral form of the sampler (for DDIM: of the variation-of-constants
+formula of the probability-flow ODE, whose linear part the program solves exactly). Iteration ``p``
+of a window ``[s, s + w)``:
+
+1. inputs ``y_j`` (``s <= j < s + w``) from the current predictions ``D`` (predictions not yet
+   computed are guessed as the window's last one, as ParaDiGMS initialises new points with the
+   last state);
+2. ``D_j = denoiser(y_j, tau_j)`` for the whole window in one ``vmap``-ed call (sharded over a
+   mesh axis ``"data"`` when a mesh is given);
+3. the new inputs ``y'_j`` and, per sample, the error ``|y'_j - y_j|^2 / (d sigma(tau_j)^2)``
+   compared with ``tol^2``: ParaDiGMS's criterion, the squared change per dimension relative to a
+   noise variance (the paper's reference implementation divides by the DDPM scheduler's per-step
+   variance; here it is the marginal ``sigma^2`` at the evaluation time, defined for every solver,
+   ODE ones included). The maximum over the batch is used, so the window moves for all samples;
+4. the window start moves to the first ``j > s`` whose error exceeds ``tol^2`` (at least one step:
+   ``y_s`` depends only on frozen predictions), and the predictions before it are frozen.
+
+Guarantee (what ``tol`` means). Every frozen ``D_j`` was evaluated at ``y_j = y'_j + r_j`` where
+``y'_j`` is its input given the frozen predictions before it, and ``rms(r_j) <= tol sigma(tau_j)``
+(``r = 0`` for the first evaluation of each iteration). So the result is the sequential solver's
+result with each model input perturbed by at most ``tol`` times its noise level; to first order
+its distance to the sequential sample is ``sum_j G_j r_j`` with ``G_j`` the sensitivity of the
+sample to the input of evaluation ``j``, hence
+
+    rms(x_picard - x_sequential) <= tol * sum_j ||G_j||_2 sigma(tau_j)   (+ O(tol^2)).
+
+With ``tol = 0`` every iteration freezes exactly one evaluation (unless an input is bit-for-bit
+unchanged) and the result is the sequential solver's, after at most ``nfe`` iterations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ._compat import is_traced
+from .denoisers import Denoiser
+from .learned.program import LinearProgram, extract_program
+from .noise import AbstractNoise
+from .sample import DEFAULT_NFE, _noise_for, check_start, default_choice, resolve_grid
+from .solvers import get_solver
+from .solvers.base import AbstractFastSolver, AbstractWrapper
+from .solvers.stochastic_base import AbstractStochasticSolver
+
+__all__ = ["sample_picard", "PicardInfo"]
+
+
+class PicardInfo(NamedTuple):
+    """What a call of :func:`sample_picard` did.
+
+    ``iterations``: parallel iterations (rounds of batched model calls, the sequential depth);
+    ``nfe``: model evaluations made (``iterations * window``); ``sequential_nfe``: the evaluations
+    of the sequential solver (the most iterations ever needed); ``window``; ``converged``: whether
+    the window reached the end within ``max_iters``; ``timesteps``: the grid."""
+
+    iterations: Any
+    nfe: Any
+    sequential_nfe: int
+    window: int
+    converged: Any
+    timesteps: jax.Array
+
+
+class _ZeroNoise(AbstractNoise):
+    """A noise source whose every draw is zero (the deterministic part of a stochastic solver)."""
+
+    def increment(self, i, j, s0, s1, x):
+        return jnp.zeros_like(x)
+
+    def unit_increment(self, i, j, s0, s1, x):
+        return jnp.zeros_like(x)
+
+    def normal(self, i, j, x):
+        return jnp.zeros_like(x)
+
+
+class _Noiseless(AbstractWrapper):
+    """A stochastic solver run with zero noise: a deterministic solver whose program gives the
+    coefficients of ``x_T`` and of the model outputs."""
+
+    base: AbstractStochasticSolver
+    prefix = "noiseless"
+
+    def init_state(self, denoiser, x, cond, t_end, num_steps):
+        return self.base.init_state(denoiser, x, cond, t_end, num_steps)
+
+    def update(self, denoiser, t0, t1, x, cond, state):
+        zero = _ZeroNoise(jax.random.PRNGKey(0))
+        return self.base.update(denoiser, t0, t1, x, cond, state, zero.at_step(0, t0, t1))
+
+
+class _NoScan(Exception):
+    """The solver cannot be recorded inside one ``lax.scan`` (a model call inside ``lax.cond``,
+    or a step count that varies per step)."""
+
+
+def _record(solver, process, ts, x0, outputs, noise=None):
+    """Run ``solver`` over the grid ``ts`` in one ``lax.scan`` from ``x0``, with a model whose
+    ``k``-th evaluation returns ``outputs[k]``. Returns the evaluation times (``m``) and the
+    evaluation inputs followed by the result (``(m + 1, *x0.shape)``)."""
+    if outputs.shape[0] % (ts.shape[0] - 1):
+        raise _NoScan
+    try:
+        return _record_scan(solver, process, jnp.asarray(ts, x0.dtype), x0, outputs, noise)
+    except (jax.errors.UnexpectedTracerError, jax.errors.ConcretizationTypeError):
+        raise _NoScan from None
+
+
+@eqx.filter_jit
+def _record_scan(solver, process, grid, x0, outputs, noise):
+    steps, m = grid.shape[0] - 1, outputs.shape[0]
+    per = m // steps
+
+    def body(carry, i):
+        x, state = carry
+        seen = []
+
+        def model(y, t, c):
+            seen.append((y, jnp.asarray(t, y.dtype)))
+            return jax.lax.dynamic_index_in_dim(outputs, i * per + len(seen) - 1, keepdims=False)
+
+        den = Denoiser(model, process, prediction="x0")
+        args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
+        x, state = solver.update(den, grid[i], grid[i + 1], x, None, state, *args)
+        if len(seen) != per:
+            raise _NoScan
+        return (x, state), (jnp.stack([y for y, _ in seen]), jnp.stack([t for _, t in seen]))
+
+    den = Denoiser(lambda y, t, c: jnp.zeros_like(y), process, prediction="x0")
+    state = solver.init_state(den, x0, None, grid[-1], steps)
+    (x, _), (ys, times) = jax.lax.scan(body, (x0, state), jnp.arange(steps))
+    return times.reshape(m), jnp.concatenate([ys.reshape((m,) + x0.shape), x[None]])
+
+
+def _program(solver, process, ts) -> LinearProgram:
+    """:func:`~fastsample.learned.program.extract_program`'s program, read off one jitted scan
+    with the same probes (fast also where the process interpolates), or by ``extract_program``
+    itself where the solver's step cannot be scanned."""
+    m = solver.nfe(ts.shape[0] - 1, bool(ts[-1] == 0.0))
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    rng = np.random.default_rng(0)
+    probes = np.concatenate([np.eye(m + 1), rng.standard_normal((m + 1, 1))], axis=1)
+    try:
+        times, rows = _record(solver, process, ts, jnp.asarray(probes[0], dtype), jnp.asarray(probes[1:], dtype))
+    except _NoScan:
+        return extract_program(solver, process, ts)
+    times, rows = np.asarray(times), np.asarray(rows)
+    a, B, got = rows[:, 0], rows[:, 1:m + 1], rows[:, m + 1]
+    if np.any(np.triu(B[:m]) != 0):
+        raise ValueError(f"{solver.name} is not an explicit solver on this grid (an evaluation depends on itself).")
+    want = a * probes[0, m + 1] + B @ probes[1:, m + 1]
+    if not np.allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max()))):
+        raise ValueError(f"{solver.name} is not linear in the noise and the model outputs; it has no program.")
+    per = m // (ts.shape[0] - 1)
+    return LinearProgram(times, ts[-1], a, B, tuple(k // per for k in range(m)))
+
+
+def _noise_offsets(solver, process, ts, x_T, noise, m):
+    """``n`` (``(m + 1, *x_T.shape)``): the evaluation inputs and the result of the stochastic
+    solver run from ``x_T = 0`` with a model that predicts ``x0 = 0``, i.e. the noise's part."""
+    zeros = jnp.zeros((m,) + x_T.shape, x_T.dtype)
+    try:
+        return _record(solver, process, ts, jnp.zeros_like(x_T), zeros, noise)[1]
+    except _NoScan:
+        pass
+    inputs = []  # a step with a model call inside lax.cond: run it eagerly, branches resolved in Python
+
+    def zero_model(x, t, c):
+        inputs.append(x)
+        return jnp.zeros_like(x)
+
+    denoiser = Denoiser(zero_model, process, prediction="x0")
+    grid = jnp.asarray(ts, x_T.dtype)
+    with jax.disable_jit():
+        x = jnp.zeros_like(x_T)
+        state = solver.init_state(denoiser, x, None, grid[-1], ts.shape[0] - 1)
+        for i in range(ts.shape[0] - 1):
+            x, state = solver.update(denoiser, grid[i], grid[i + 1], x, None, state,
+                                     noise.at_step(i, grid[i], grid[i + 1]))
+    return jnp.stack(inputs + [x])
+
+
+def sample_picard(
+    denoiser: Denoiser,
+    x_T,
+    solver="ddim",
+    nfe: int | None = None,
+    schedule: str = "auto",
+    *,
+    timesteps=None,
+    final_zero: bool = False,
+    cond: Any = None,
+    key=None,
+    noise="independent",
+    solver_options: dict | None = None,
+    schedule_options: dict | None = None,
+    window: int | None = None,
+    tol: float = 1e-3,
+    max_iters: int | None = None,
+    mesh: Mesh | None = None,
+    return_info: bool = True,
+):
+    """Sample with a fixed-grid solver by sliding-window Picard iteration (ParaDiGMS, 2023), with
+    the update rule of any deterministic or stochastic registry solver (DreamPropeller, 2024).
+
+    Arguments (``solver`` to ``schedule_options`` as in :func:`fastsample.sample`):
+        window: evaluations refined together per iteration (default: all of them; with ``mesh``,
+            the largest multiple of the device count that fits). Its shape is static.
+        tol: tolerance on the per-dimension rms change of a model input relative to its noise
+            level ``sigma(tau_j)`` (ParaDiGMS's criterion); ``0`` reproduces the sequential solver.
+        max_iters: cap on the parallel iterations (default: the sequential NFE, which always
+            suffices); ``info.converged`` says whether the window reached the end.
+        mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` (``fastsample.training.data_mesh``):
+            the window's evaluations are sharded over its devices (``window`` must be a multiple of
+            their number).
+        return_info: also return a :class:`PicardInfo`.
+
+    Returns:
+        ``x_0``, and the :class:`PicardInfo` when asked for.
+    """
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
+    process = denoiser.process
+    if solver == "auto":
+        solver = default_choice(process, (schedule_options or {}).get("t_start"))[0]
+    solver = get_solver(solver, **(solver_options or {}))
+    if not isinstance(solver, AbstractFastSolver):
+        raise ValueError(f"{solver.name} chooses its own steps; sample_picard needs a fixed-grid solver.")
+    x_T = jnp.asarray(x_T)
+    if x_T.ndim < 1:
+        raise ValueError(f"x_T must have a batch axis (ndim >= 1); got shape {x_T.shape}.")
+    fitted_grid = solver.fitted_grid(process, nfe)
+    if fitted_grid is None:
+        if timesteps is not None and is_traced(timesteps):
+            raise ValueError("sample_picard needs concrete `timesteps` (it reads the solver's coefficients off them).")
+        if nfe is None and timesteps is None:
+            nfe = DEFAULT_NFE
+        solver, ts, steps, ends_at_zero = resolve_grid(solver, process, nfe, schedule, timesteps, final_zero,
+                                                       schedule_options)
+    elif timesteps is not None:
+        raise ValueError(f"{solver.name} was fitted with its own time grid; do not pass `timesteps`.")
+    else:
+        ts, steps, ends_at_zero = jnp.asarray(fitted_grid), fitted_grid.shape[0] - 1, False
+    m = solver.nfe(steps, ends_at_zero)
+    window = _check_window(window, m, mesh)
+    if max_iters is None:
+        max_iters = m
+    elif isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive integer; got {max_iters!r}.")
+    if not is_traced(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
+        raise ValueError(f"tol must be a non-negative number; got {tol!r}.")
+    check_start(solver, process, ts)
+    ts = ts.astype(x_T.dtype)
+    ts_np = np.asarray(ts, np.float64)
+    source = _noise_for(solver, process, key, noise, ts)
+    stochastic = isinstance(solver, AbstractStochasticSolver)
+    try:
+        program = _program(_Noiseless(solver) if stochastic else solver, process, ts_np)
+    except ValueError as e:
+        raise ValueError(f"sample_picard cannot run {solver.name}: {e}") from None
+    dt = x_T.dtype
+    times = jnp.asarray(program.times, dt)
+    offsets = _noise_offsets(solver, process, ts_np, x_T, source, m) if stochastic else None
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    x, iterations, start = _picard(
+        denoiser, x_T, cond, times, process.sigma(times), jnp.asarray(program.a, dt), jnp.asarray(program.B, dt),
+        offsets, jnp.asarray(tol, dt), jnp.asarray(max_iters), window, sharding,
+    )
+    if not return_info:
+        return x
+    converged = start >= m
+    if not is_traced(iterations):
+        iterations, converged = int(iterations), bool(converged)
+    return x, PicardInfo(iterations, iterations * window, m, window, converged, ts)
+
+
+def _check_window(window, m: int, mesh) -> int:
+    devices = 1
+    if mesh is not None:
+        if not isinstance(mesh, Mesh) or "data" not in mesh.axis_names:
+            raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis 'data' "
+                             f"(fastsample.training.data_mesh()); got {mesh!r}.")
+        devices = int(mesh.shape["data"])
+    if window is None:
+        window = m - m % devices
+        if window == 0:
+            raise ValueError(f"the solver makes {m} model evaluations, fewer than the {devices} devices of the mesh: "
+                             "use a mesh with fewer devices.")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= m:
+        raise ValueError(f"window must be an integer between 1 and the solver's {m} model evaluations; got {window!r}.")
+    if window % devices:
+        raise ValueError(f"window={window} must be a multiple of the mesh's {devices} devices on axis 'data' "
+                         "(each device evaluates window / devices steps).")
+    return window
+
+
+@eqx.filter_jit
+def _picard(denoiser, x_T, cond, times, sigmas, a, B, offsets, tol, max_iters, window, sharding):
+    m = times.shape[0]
+    w = window
+    feat = tuple(range(2, x_T.ndim + 1))  # the feature axes of a (window, batch, ...) stack
+    d = int(np.prod(x_T.shape[1:])) if x_T.ndim > 1 else 1
+    index = jnp.arange(m)
+
+    def inputs(lo, D, rows):
+        """``y_j`` for ``j = lo + i``, ``i < rows``: ``a_j x_T + B_j D + n_j``."""
+        y = jnp.tensordot(jax.lax.dynamic_slice_in_dim(B, lo, rows), D, axes=1)
+        y = y + jax.lax.dynamic_slice_in_dim(a, lo, rows).reshape((rows,) + (1,) * x_T.ndim) * x_T
+        if offsets is not None:
+            y = y + jax.lax.dynamic_slice_in_dim(offsets, lo, rows)
+        return y
+
+    def evaluate(y, t):
+        if sharding is not None:
+            y = jax.lax.with_sharding_constraint(y, sharding)
+        out = jax.vmap(lambda yi, ti: denoiser(yi, ti, cond))(y, t)
+        return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+
+    def body(carry):
+        D, s, it = carry
+        lo = jnp.minimum(s, m - w)  # the window stays inside the grid; frozen entries are kept
+        y = inputs(lo, D, w)
+        new = evaluate(y, jax.lax.dynamic_slice_in_dim(times, lo, w))
+        j = lo + jnp.arange(w)
+        old = jax.lax.dynamic_slice_in_dim(D, lo, w)
+        frozen = (j < s).reshape((w,) + (1,) * x_T.ndim)
+        new = jnp.where(frozen, old, new)
+        D = jax.lax.dynamic_update_slice_in_dim(D, new, lo, axis=0)
+        # Predictions beyond the window: guessed as the window's last one.
+        D = jnp.where((index >= lo + w).reshape((m,) + (1,) * x_T.ndim), new[-1], D)
+        y_new = inputs(lo, D, w)
+        sig = jax.lax.dynamic_slice_in_dim(sigmas, lo, w)
+        err = jnp.sum((y_new - y) ** 2, axis=feat) / (d * sig[:, None] ** 2)  # (window, batch)
+        bad = (jnp.max(err, axis=1) > tol**2) & (j > s)
+        s = jnp.where(jnp.any(bad), jnp.argmax(bad) + lo, lo + w)
+        return D, s, it + 1
+
+    def cond_fn(carry):
+        _, s, it = carry
+        return (s < m) & (it < max_iters)
+
+    D0 = jnp.zeros((m,) + x_T.shape, x_T.dtype)
+    D, s, it = jax.lax.while_loop(cond_fn, body, (D0, jnp.asarray(0), jnp.asarray(0)))
+    x = a[-1] * x_T + jnp.tensordot(B[-1], D, axes=1)
+    return (x if offsets is None else x + offsets[-1]), it, s
