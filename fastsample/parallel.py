@@ -56,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._compat import is_traced
 from .denoisers import Denoiser
-from .learned.program import LinearProgram, extract_program
+from .learned.program import extract_program, record_run
 from .noise import AbstractNoise
 from .sample import DEFAULT_NFE, _noise_for, check_start, default_choice, resolve_grid
 from .solvers import get_solver
@@ -110,95 +110,11 @@ class _Noiseless(AbstractWrapper):
         return self.base.update(denoiser, t0, t1, x, cond, state, zero.at_step(0, t0, t1))
 
 
-class _NoScan(Exception):
-    """The solver cannot be recorded inside one ``lax.scan`` (a model call inside ``lax.cond``,
-    or a step count that varies per step)."""
-
-
-def _record(solver, process, ts, x0, outputs, noise=None):
-    """Run ``solver`` over the grid ``ts`` in one ``lax.scan`` from ``x0``, with a model whose
-    ``k``-th evaluation returns ``outputs[k]``. Returns the evaluation times (``m``) and the
-    evaluation inputs followed by the result (``(m + 1, *x0.shape)``)."""
-    if outputs.shape[0] % (ts.shape[0] - 1):
-        raise _NoScan
-    try:
-        return _record_scan(solver, process, jnp.asarray(ts, x0.dtype), x0, outputs, noise)
-    except (jax.errors.UnexpectedTracerError, jax.errors.ConcretizationTypeError):
-        raise _NoScan from None
-
-
-@eqx.filter_jit
-def _record_scan(solver, process, grid, x0, outputs, noise):
-    steps, m = grid.shape[0] - 1, outputs.shape[0]
-    per = m // steps
-
-    def body(carry, i):
-        x, state = carry
-        seen = []
-
-        def model(y, t, c):
-            seen.append((y, jnp.asarray(t, y.dtype)))
-            return jax.lax.dynamic_index_in_dim(outputs, i * per + len(seen) - 1, keepdims=False)
-
-        den = Denoiser(model, process, prediction="x0")
-        args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
-        x, state = solver.update(den, grid[i], grid[i + 1], x, None, state, *args)
-        if len(seen) != per:
-            raise _NoScan
-        return (x, state), (jnp.stack([y for y, _ in seen]), jnp.stack([t for _, t in seen]))
-
-    den = Denoiser(lambda y, t, c: jnp.zeros_like(y), process, prediction="x0")
-    state = solver.init_state(den, x0, None, grid[-1], steps)
-    (x, _), (ys, times) = jax.lax.scan(body, (x0, state), jnp.arange(steps))
-    return times.reshape(m), jnp.concatenate([ys.reshape((m,) + x0.shape), x[None]])
-
-
-def _program(solver, process, ts) -> LinearProgram:
-    """:func:`~fastsample.learned.program.extract_program`'s program, read off one jitted scan
-    with the same probes (fast also where the process interpolates), or by ``extract_program``
-    itself where the solver's step cannot be scanned."""
-    m = solver.nfe(ts.shape[0] - 1, bool(ts[-1] == 0.0))
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    rng = np.random.default_rng(0)
-    probes = np.concatenate([np.eye(m + 1), rng.standard_normal((m + 1, 1))], axis=1)
-    try:
-        times, rows = _record(solver, process, ts, jnp.asarray(probes[0], dtype), jnp.asarray(probes[1:], dtype))
-    except _NoScan:
-        return extract_program(solver, process, ts)
-    times, rows = np.asarray(times), np.asarray(rows)
-    a, B, got = rows[:, 0], rows[:, 1:m + 1], rows[:, m + 1]
-    if np.any(np.triu(B[:m]) != 0):
-        raise ValueError(f"{solver.name} is not an explicit solver on this grid (an evaluation depends on itself).")
-    want = a * probes[0, m + 1] + B @ probes[1:, m + 1]
-    if not np.allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max()))):
-        raise ValueError(f"{solver.name} is not linear in the noise and the model outputs; it has no program.")
-    per = m // (ts.shape[0] - 1)
-    return LinearProgram(times, ts[-1], a, B, tuple(k // per for k in range(m)))
-
-
 def _noise_offsets(solver, process, ts, x_T, noise, m):
     """``n`` (``(m + 1, *x_T.shape)``): the evaluation inputs and the result of the stochastic
     solver run from ``x_T = 0`` with a model that predicts ``x0 = 0``, i.e. the noise's part."""
     zeros = jnp.zeros((m,) + x_T.shape, x_T.dtype)
-    try:
-        return _record(solver, process, ts, jnp.zeros_like(x_T), zeros, noise)[1]
-    except _NoScan:
-        pass
-    inputs = []  # a step with a model call inside lax.cond: run it eagerly, branches resolved in Python
-
-    def zero_model(x, t, c):
-        inputs.append(x)
-        return jnp.zeros_like(x)
-
-    denoiser = Denoiser(zero_model, process, prediction="x0")
-    grid = jnp.asarray(ts, x_T.dtype)
-    with jax.disable_jit():
-        x = jnp.zeros_like(x_T)
-        state = solver.init_state(denoiser, x, None, grid[-1], ts.shape[0] - 1)
-        for i in range(ts.shape[0] - 1):
-            x, state = solver.update(denoiser, grid[i], grid[i + 1], x, None, state,
-                                     noise.at_step(i, grid[i], grid[i + 1]))
-    return jnp.stack(inputs + [x])
+    return jnp.asarray(record_run(solver, process, ts, jnp.zeros_like(x_T), zeros, noise)[1])
 
 
 def sample_picard(
@@ -276,7 +192,7 @@ def sample_picard(
     source = _noise_for(solver, process, key, noise, ts)
     stochastic = isinstance(solver, AbstractStochasticSolver)
     try:
-        program = _program(_Noiseless(solver) if stochastic else solver, process, ts_np)
+        program = extract_program(_Noiseless(solver) if stochastic else solver, process, ts_np)
     except ValueError as e:
         raise ValueError(f"sample_picard cannot run {solver.name}: {e}") from None
     dt = x_T.dtype

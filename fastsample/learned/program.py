@@ -27,7 +27,7 @@ from ..denoisers import Denoiser
 from ..processes import AbstractProcess
 from ..solvers.base import AbstractFastSolver
 
-__all__ = ["LinearProgram", "ProgramSolver", "extract_program"]
+__all__ = ["LinearProgram", "ProgramSolver", "extract_program", "record_run"]
 
 
 class LinearProgram(NamedTuple):
@@ -113,64 +113,106 @@ class ProgramSolver(AbstractFastSolver):
         return self.program.grid()
 
 
-def _probe_model(outputs, calls):
-    """A model that returns the injected ``outputs[k]`` at its ``k``-th call and records ``t``."""
+class _NoScan(Exception):
+    """The solver cannot be recorded inside one ``lax.scan`` (a model call inside ``lax.cond``, or a
+    number of calls that varies from step to step)."""
+
+
+def record_run(solver, process: AbstractProcess, ts, x0, outputs, noise=None):
+    """Run ``solver`` over the grid ``ts`` from ``x0`` with a model whose ``k``-th evaluation
+    returns the data prediction ``outputs[k]`` (and, for a stochastic solver, the noise source
+    ``noise``). Returns the evaluation times (``m``), the evaluation inputs followed by the result
+    (``(m + 1, *x0.shape)``) and the step of each evaluation.
+
+    One jitted ``lax.scan`` when every step makes the same number of model calls outside
+    ``lax.cond`` (fast also for processes that interpolate tables, like ``VPDiscrete``), otherwise
+    an eager run in which Python resolves the branches (so that skipped calls are not counted)."""
+    ts = np.asarray(ts, dtype=np.float64)
+    steps, m = ts.shape[0] - 1, outputs.shape[0]
+    if m % steps == 0:
+        try:
+            times, rows = _record_scan(solver, process, jnp.asarray(ts, x0.dtype), x0, outputs, noise)
+            return np.asarray(times), np.asarray(rows), tuple(k // (m // steps) for k in range(m))
+        except (_NoScan, jax.errors.UnexpectedTracerError, jax.errors.ConcretizationTypeError):
+            pass
+    return _record_eager(solver, process, ts, x0, outputs, noise)
+
+
+@eqx.filter_jit
+def _record_scan(solver, process, grid, x0, outputs, noise):
+    steps, m = grid.shape[0] - 1, outputs.shape[0]
+    per = m // steps
+
+    def body(carry, i):
+        x, state = carry
+        seen = []
+
+        def model(y, t, c):
+            seen.append((y, jnp.asarray(t, y.dtype)))
+            return jax.lax.dynamic_index_in_dim(outputs, i * per + len(seen) - 1, keepdims=False)
+
+        den = Denoiser(model, process, prediction="x0")
+        args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
+        x, state = solver.update(den, grid[i], grid[i + 1], x, None, state, *args)
+        if len(seen) != per:
+            raise _NoScan
+        return (x, state), (jnp.stack([y for y, _ in seen]), jnp.stack([t for _, t in seen]))
+
+    den = Denoiser(lambda y, t, c: jnp.zeros_like(y), process, prediction="x0")
+    state = solver.init_state(den, x0, None, grid[-1], steps)
+    (x, _), (ys, times) = jax.lax.scan(body, (x0, state), jnp.arange(steps))
+    return times.reshape(m), jnp.concatenate([ys.reshape((m,) + x0.shape), x[None]])
+
+
+def _record_eager(solver, process, ts, x0, outputs, noise):
+    calls, points, step_of, current = [], [], [], [0]
 
     def model(x, t, cond):
         k = len(calls)
         if k >= outputs.shape[0]:
             raise ValueError("the solver evaluated the model more often than its reported NFE.")
         calls.append(float(t))
+        points.append(x)
+        step_of.append(current[0])
         return outputs[k].astype(x.dtype)
 
-    return model
+    denoiser = Denoiser(model, process, prediction="x0")
+    grid = jnp.asarray(ts, x0.dtype)
+    steps = ts.shape[0] - 1
+    with jax.disable_jit():
+        state = solver.init_state(denoiser, x0, None, grid[-1], steps)
+        x = x0
+        for i in range(steps):
+            current[0] = i
+            args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
+            x, state = solver.update(denoiser, grid[i], grid[i + 1], x, None, state, *args)
+    if len(calls) != outputs.shape[0]:
+        raise ValueError(f"{solver.name} evaluated the model {len(calls)} times on this grid; "
+                         f"it reports {outputs.shape[0]}.")
+    return np.asarray(calls), np.stack([np.asarray(p) for p in points] + [np.asarray(x)]), tuple(step_of)
 
 
 def extract_program(solver, process: AbstractProcess, ts) -> LinearProgram:
     """The :class:`LinearProgram` that ``solver`` runs on the grid ``ts``.
 
-    The solver is run once, eagerly (so that branches it skips are not counted), on ``m + 2``
-    one-dimensional probes at once: probe 0 starts from ``x_T = 1`` with all predictions 0, probe
-    ``j + 1`` from ``x_T = 0`` with prediction ``j`` equal to 1. Solvers act elementwise and
-    linearly, so probe ``p`` of each evaluation point is one coefficient. The last probe is random
-    and checks linearity: a ``ValueError`` says when the solver has no program.
+    The solver is run once (:func:`record_run`) on ``m + 2`` one-dimensional probes at once:
+    probe 0 starts from ``x_T = 1`` with all predictions 0, probe ``j + 1`` from ``x_T = 0`` with
+    prediction ``j`` equal to 1. Solvers act elementwise and linearly, so probe ``p`` of each
+    evaluation point is one coefficient. The last probe is random and checks linearity: a
+    ``ValueError`` says when the solver has no program.
     """
     from ..solvers import get_solver
 
     solver = get_solver(solver)
     ts = np.asarray(ts, dtype=np.float64)
     process.check_times(ts, name="timesteps")
-    steps = ts.shape[0] - 1
-    ends_at_zero = bool(ts[-1] == 0.0)
-    m = solver.nfe(steps, ends_at_zero)
+    m = solver.nfe(ts.shape[0] - 1, bool(ts[-1] == 0.0))
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-
-    def run(x_T, outputs):
-        calls, points, step_of = [], [], []
-        model = _probe_model(outputs, calls)
-
-        def recording(x, t, cond):
-            points.append(x)
-            step_of.append(current[0])
-            return model(x, t, cond)
-
-        denoiser = Denoiser(recording, process, prediction="x0")
-        current = [0]
-        grid = jnp.asarray(ts, dtype)
-        with jax.disable_jit():
-            state = solver.init_state(denoiser, x_T, None, grid[-1], steps)
-            x = x_T
-            for i in range(steps):
-                current[0] = i
-                x, state = solver.update(denoiser, grid[i], grid[i + 1], x, None, state)
-        if len(calls) != m:
-            raise ValueError(f"{solver.name} evaluated the model {len(calls)} times on this grid; it reports {m}.")
-        return np.asarray(calls), np.stack([np.asarray(p) for p in points] + [np.asarray(x)]), tuple(step_of)
-
     # Columns 0..m: the basis probes; column m + 1: a random probe that checks linearity.
     rng = np.random.default_rng(0)
     probes = np.concatenate([np.eye(m + 1), rng.standard_normal((m + 1, 1))], axis=1)
-    times, rows, step_of = run(jnp.asarray(probes[0], dtype), jnp.asarray(probes[1:], dtype))
+    times, rows, step_of = record_run(solver, process, ts, jnp.asarray(probes[0], dtype),
+                                      jnp.asarray(probes[1:], dtype))
     a, B, got = rows[:, 0], rows[:, 1:m + 1], rows[:, m + 1]
     if np.any(np.triu(B[:m]) != 0):
         raise ValueError(f"{solver.name} is not an explicit solver on this grid (an evaluation depends on itself).")
