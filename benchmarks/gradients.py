@@ -7,7 +7,8 @@ for every gradient mode. Columns: temporary memory of the compiled gradient
 (``jax.jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes``; ``null`` where the
 backend does not report it), median wall time of one gradient, and the relative L2 error of the
 gradient against ``full`` on the same grid with the same solver (dpmpp_2m; BDIA-DDIM for
-``reversible``, which is compared with ``full`` through BDIA-DDIM). The adjoint's error is its
+``reversible``, which is compared with ``full`` through BDIA-DDIM; DDPM with a fixed key for the SDE
+adjoint, compared with ``full`` through DDPM with the same key). The adjoint's error is its
 discretisation error against the discrete sampler's gradient (both approximate the exact flow's).
 
 Writes ``benchmarks/results/gradients.json``, ``gradients.md`` and ``gradients.png``.
@@ -30,9 +31,11 @@ from timing import timeit  # benchmarks/timing.py
 import fastsample as fs
 from fastsample import gradients as G
 from fastsample.models import GaussianMixture
+from fastsample.noise import make_noise
 from fastsample.results import environment, markdown_table
 
 OUT = Path(__file__).resolve().parent / "results"
+KEY = jax.random.PRNGKey(2)  # the noise of the stochastic (DDPM) rows
 
 #: (label, gradient mode, solver)
 MODES = [
@@ -41,6 +44,10 @@ MODES = [
     ("binomial", "binomial", "dpmpp_2m"),
     ("adjoint (2M)", "adjoint", "dpmpp_2m"),
     ("adjoint (1)", G.Adjoint(order=1), "dpmpp_2m"),
+    ("adjointdpm (AB2)", G.Adjoint(method="adjointdpm"), "dpmpp_2m"),
+    ("adjointdpm (Euler)", G.Adjoint(order=1, method="adjointdpm"), "dpmpp_2m"),
+    ("full (ddpm)", "full", "ddpm"),
+    ("adjoint SDE (ddpm)", G.Adjoint(), "ddpm"),
     ("full (bdia)", "full", fs.BDIADDIM(1.0)),
     ("reversible (bdia)", "reversible", fs.BDIADDIM(1.0)),
 ]
@@ -83,7 +90,12 @@ def main(argv=None):
         for label, mode, solver in MODES:
             def loss(means, x, mode=mode, solver=solver, nfe=nfe):
                 den = eqx.tree_at(lambda m: m.means, mixture, means).denoiser(process)
-                return jnp.sum(w * fs.sample(den, x, solver, nfe=nfe, schedule="logsnr_uniform", gradient=mode))
+                if solver == "ddpm" and isinstance(mode, G.Adjoint):  # the SDE adjoint, given sample()'s noise
+                    ts = fs.get_timesteps(process, nfe, "logsnr_uniform").astype(x.dtype)
+                    noise = make_noise("independent", KEY, 0.0, float(process.t_max))
+                    return jnp.sum(w * mode.solve(fs.get_solver(solver), den, x, ts, None, noise)[0])
+                return jnp.sum(w * fs.sample(den, x, solver, nfe=nfe, schedule="logsnr_uniform", gradient=mode,
+                                             key=KEY))
 
             fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
             t0 = time.perf_counter()
@@ -92,7 +104,7 @@ def main(argv=None):
             temp = temp_bytes(compiled)
             grads[label] = compiled(mixture.means, x_T)
             seconds = timeit(compiled, mixture.means, x_T, repeats=args.repeats)
-            ref = grads["full (bdia)" if "bdia" in label else "full"]
+            ref = grads["full (bdia)" if "bdia" in label else "full (ddpm)" if "ddpm" in label else "full"]
             rows.append({
                 "mode": label, "nfe": nfe, "temp_MiB": None if temp is None else temp / 2**20,
                 "time_ms": 1e3 * seconds, "compile_s": compile_s, "rel_error_vs_full": rel_error(grads[label], ref),
@@ -120,7 +132,8 @@ def _plot(rows, path):
     for i, label in enumerate(dict.fromkeys(r["mode"] for r in rows)):
         rs = [r for r in rows if r["mode"] == label]
         n = [r["nfe"] for r in rs]
-        style = dict(marker="o", label=label, color=f"C{i}", ls="--" if "bdia" in label else "-")
+        dashed = "bdia" in label or "ddpm" in label
+        style = dict(marker="o", label=label, color=f"C{i % 10}", ls="--" if dashed else "-")
         if all(r["temp_MiB"] is not None for r in rs):
             axes[0].loglog(n, [r["temp_MiB"] for r in rs], **style)
         axes[1].loglog(n, [r["time_ms"] for r in rs], **style)

@@ -17,9 +17,12 @@ Modes (``N`` steps, ``S`` the size of the sampler's carry, ``A`` the activations
   These three differentiate the discrete sampler exactly: their gradients agree to rounding.
 * ``"adjoint"`` (:class:`Adjoint`): the continuous adjoint of the probability-flow ODE solved
   backwards on the same grid by an exponential integrator, first order or two-step multistep
-  (AdjointDEIS: Efficient Gradients for Diffusion Models, Blasingame and Liu, 2024). Memory is
-  independent of ``N``; the gradient is that of the exact flow, up to the adjoint solver's
-  discretisation error (order 1 or 2), not the discrete sampler's gradient.
+  (AdjointDEIS: Efficient Gradients for Diffusion Models, Blasingame and Liu, 2024), or in
+  AdjointDPM's reparameterisation (``Adjoint(method="adjointdpm")``; Pan et al., 2023); for
+  stochastic solvers the adjoint of the reverse SDE with the noise held fixed (AdjointDEIS's SDE
+  case, first order). For the PF-ODE memory is independent of ``N`` (the SDE adjoint keeps one
+  state per step, no activations); the gradient is that of the exact flow, up to the adjoint
+  solver's discretisation error (order 1 or 2), not the discrete sampler's gradient.
 * ``"reversible"`` (:class:`Reversible`): exact gradients of BDIA-DDIM (Zhang, Lewis, Kleijn:
   Exact Diffusion Inversion via Bi-directional Integration Approximation, 2024) without storing
   the trajectory: the backward pass reconstructs each state by inverting the BDIA step. Memory is
@@ -40,6 +43,18 @@ the previous step (order 2, the DPM-Solver++(2M) coefficients). The state ``x`` 
 backwards alongside (DDIM / 2M inversion). A grid ending at ``t = 0`` ends with the data prediction
 at the last positive time; that step's vector-Jacobian product is taken exactly, from the state
 before it (kept by the forward pass).
+
+With the noise held fixed, the reverse SDE that a first-order stochastic step with contraction
+``rho = e^{-nu h}`` discretises (``nu = eta`` for SDE-DPM-Solver++, ``nu = 1`` for DDPM) is, in
+``lambda``, ``dx = ((dlog sigma/dlambda - nu) x + (1 + nu) alpha D) dlambda + noise``; its adjoint
+``da/dlambda = -(dlog sigma/dlambda - nu) a - (1 + nu) alpha J_x^T a`` contains no noise, and its
+exponential integrator is ``a_t = rho (sigma_s/sigma_t) a_s + (alpha_s^2/alpha_t)(1 - rho e^{-h}) J_x^T a_s``
+(``rho = 1``: the PF-ODE's). The states could be reconstructed backwards with the same noise ``w``
+(regenerated from the key), ``x_t = (x_s - alpha_s (1 - rho e^{-h}) D(x_s) - w) / (rho sigma_s / sigma_t)``,
+but that inversion is unstable: the reverse SDE contracts strongly, so inverting its steps amplifies
+every error (on a three-component 2-D mixture with 128 DDPM steps the reconstructed ``x_T`` is off by
+about 90). The SDE adjoint therefore keeps the forward states: one state per step, no activations,
+memory ``O(N S + A)``.
 
 Gaussian data ``N(mu, s^2 I)``: the exact flow is ``x_t = alpha_t mu + (r_t / r_T)(x_T - alpha_T mu)``
 with ``r = sqrt(alpha^2 s^2 + sigma^2)``, so ``d x_0 / d x_T = (r_0 / r_T) I`` (tests/test_gradients.py).
@@ -68,6 +83,7 @@ __all__ = [
     "available_gradients",
     "get_gradient",
     "checkpointed_scan",
+    "ADJOINT_METHODS",
 ]
 
 
@@ -92,8 +108,10 @@ class AbstractGradient(eqx.Module):
         """``lax.scan(body, init, jnp.arange(length))`` with this mode's checkpointing."""
         raise NotImplementedError(f"gradient mode {self.name!r} replaces the scan (see `solve`).")
 
-    def solve(self, solver, denoiser, x, ts, cond):
-        """``(x_final, finite)``: the sampler's output and per-step finiteness flags."""
+    def solve(self, solver, denoiser, x, ts, cond, noise=None):
+        """``(x_final, finite)``: the sampler's output and per-step finiteness flags. ``noise`` is
+        the sampler's :class:`fastsample.noise.AbstractNoise` (stochastic solvers; step ``i`` uses
+        ``noise.at_step(i, ts[i], ts[i + 1])`` as in ``fastsample.sample``)."""
         raise NotImplementedError(f"gradient mode {self.name!r} runs the sampler's scan (see `scan`).")
 
 
@@ -172,31 +190,80 @@ def _recursive_scan(body, carry, start, n: int, b: int):
     return carry, ys
 
 
-class Adjoint(AbstractGradient):
-    """Continuous adjoint of the probability-flow ODE (AdjointDEIS, Blasingame and Liu, 2024),
-    solved backwards on the sampling grid with an exponential integrator of ``order`` 1 or 2
-    (2: the two-step multistep AdjointDEIS-2M). Memory does not grow with the step count.
+ADJOINT_METHODS = ("adjointdeis", "adjointdpm")
 
-    Gradients flow to ``x_T``, the denoiser's model parameters and guidance scale, and ``cond``;
-    they are those of the exact flow up to ``O(h^order)``. The time grid, the process and solver
-    parameters have no continuous-adjoint gradient: differentiating them is a ``ValueError`` (use
-    ``"full"``, ``"remat"`` or ``"binomial"``). Deterministic solvers only (any of them: the
-    forward pass runs the chosen solver, the backward pass its own adjoint solver).
+
+class Adjoint(AbstractGradient):
+    """Continuous adjoint of the sampler's differential equation, solved backwards on the sampling
+    grid by an exponential integrator; for the PF-ODE its memory does not grow with the step count.
+
+    ``method="adjointdeis"`` (default; AdjointDEIS: Efficient Gradients for Diffusion Models,
+    Blasingame and Liu, 2024): the adjoint in the half log-SNR with the data prediction, of
+    ``order`` 1 or 2 (2: the two-step multistep AdjointDEIS-2M). For a stochastic solver it is the
+    adjoint of the reverse SDE with the sampler's noise held fixed, which is an ODE (the noise is
+    additive): first order only. Its forward states are kept, one per step (inverting stochastic
+    steps backwards is unstable), so its memory grows by one state per step, not by the network's
+    activations.
+
+    ``method="adjointdpm"`` (AdjointDPM: Adjoint Sensitivity Method for Gradient Backpropagation of
+    Diffusion Probabilistic Models, Pan et al., 2023): the PF-ODE reparameterised as
+    ``dy/drho = eps(alpha y, t)`` with ``y = x / alpha``, ``rho = sigma / alpha``, and the augmented
+    adjoint ``d(a_y, g)/drho = -(a_y^T deps/dy, a_y^T deps/dtheta)`` solved in ``rho`` by Euler
+    (``order`` 1) or two-step Adams-Bashforth (2). Deterministic solvers only.
+
+    ``order=None`` means 2 for the PF-ODE and 1 for the SDE. Gradients flow to ``x_T``, the
+    denoiser's model parameters and guidance scale, and ``cond``; they are those of the exact flow
+    (for the SDE: of the exact solution with the same noise) up to ``O(h^order)``, not the discrete
+    sampler's. The time grid, the process and solver parameters have no continuous-adjoint
+    gradient: differentiating them is a ``ValueError`` (use ``"full"``, ``"remat"`` or
+    ``"binomial"``). The forward pass runs the chosen solver, the backward pass its own adjoint
+    solver.
     """
 
-    order: int = eqx.field(static=True, default=2)
+    order: int | None = eqx.field(static=True, default=None)
+    method: str = eqx.field(static=True, default="adjointdeis")
     name = "adjoint"
     custom = True
 
     def __check_init__(self):
-        if self.order not in (1, 2):
-            raise ValueError(f"Adjoint order must be 1 or 2 (AdjointDEIS-1, AdjointDEIS-2M); got {self.order!r}.")
+        if self.order not in (None, 1, 2) or isinstance(self.order, bool):
+            raise ValueError(f"Adjoint order must be 1 or 2 (AdjointDEIS-1, AdjointDEIS-2M), or None (2 for the "
+                             f"PF-ODE, 1 for the SDE); got {self.order!r}.")
+        if self.method not in ADJOINT_METHODS:
+            raise ValueError(f"Adjoint method must be one of {', '.join(ADJOINT_METHODS)}; got {self.method!r}.")
 
     def check(self, solver, *, return_trajectory: bool = False) -> None:
-        _check_custom(self, solver, return_trajectory)
+        _check_trajectory(self, return_trajectory)
+        if not _is_stochastic(solver):
+            return
+        if self.method != "adjointdeis":
+            raise ValueError(f"Adjoint(method={self.method!r}) is the probability-flow ODE's adjoint; {solver.name!r} "
+                             "is stochastic: use Adjoint(method='adjointdeis') (the SDE adjoint) or 'full', 'remat', "
+                             "'binomial'.")
+        if self.order == 2:
+            raise ValueError(f"the SDE adjoint (stochastic solver {solver.name!r}) is first order: use "
+                             "Adjoint(order=1) or Adjoint().")
+        if not callable(getattr(solver, "sde_log_rho", None)):
+            raise ValueError(
+                f"gradient='adjoint' supports the stochastic solvers whose step is an exponential step of a reverse "
+                f"SDE plus additive noise (ddpm, ddim with eta > 0, euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde); "
+                f"{solver.name!r} is not one: use 'full', 'remat' or 'binomial', which differentiate its fixed noise "
+                "path exactly."
+            )
 
-    def solve(self, solver, denoiser, x, ts, cond):
-        return _adjoint_solve((x, denoiser, cond, solver, ts), self.order)
+    def resolved_order(self, solver) -> int:
+        """The order used with ``solver``: ``order``, or 1 (SDE) / 2 (PF-ODE) when it is ``None``."""
+        return self.order or (1 if _is_stochastic(solver) else 2)
+
+    def solve(self, solver, denoiser, x, ts, cond, noise=None):
+        sde = _is_stochastic(solver)
+        if sde:
+            self.check(solver)
+            if noise is None:
+                raise ValueError(f"gradient='adjoint' with the stochastic solver {solver.name!r} needs the sampler's "
+                                 "noise source: call Adjoint.solve(..., noise=fastsample.noise.make_noise(...)).")
+        return _adjoint_solve((x, denoiser, cond, solver, ts, noise if sde else None),
+                              (self.method, self.resolved_order(solver)))
 
 
 class Reversible(AbstractGradient):
@@ -224,7 +291,7 @@ class Reversible(AbstractGradient):
             raise ValueError(f"gradient='reversible' needs BDIA gamma > 0 (a step is invertible only then); "
                              f"got gamma={float(np.asarray(gamma))}.")
 
-    def solve(self, solver, denoiser, x, ts, cond):
+    def solve(self, solver, denoiser, x, ts, cond, noise=None):
         return _reversible_solve((x, denoiser, cond, solver, ts))
 
 
@@ -254,33 +321,43 @@ def _is_stochastic(solver) -> bool:
     return isinstance(solver, AbstractStochasticSolver)
 
 
-def _check_custom(mode: AbstractGradient, solver, return_trajectory: bool) -> None:
+def _check_trajectory(mode: AbstractGradient, return_trajectory: bool) -> None:
     if return_trajectory:
         raise ValueError(f"gradient={mode.name!r} does not keep the trajectory: pass return_trajectory=False "
                          "or use 'full', 'remat' or 'binomial'.")
+
+
+def _check_custom(mode: AbstractGradient, solver, return_trajectory: bool) -> None:
+    _check_trajectory(mode, return_trajectory)
     if _is_stochastic(solver):
         raise ValueError(
             f"gradient={mode.name!r} supports deterministic (probability-flow ODE) solvers only; "
-            f"{solver.name!r} is stochastic (the SDE adjoint with a fixed Brownian path is not implemented): "
-            "use 'full', 'remat' or 'binomial', which differentiate the fixed noise path exactly."
+            f"{solver.name!r} is stochastic: use 'full', 'remat' or 'binomial', which differentiate the fixed "
+            "noise path exactly (or 'adjoint', the SDE adjoint, for the solvers it names)."
         )
 
 
 # ----------------------------------------------------------------------------- shared machinery
 
 
-def _forward(solver, denoiser, x, ts, cond):
+def _forward(solver, denoiser, x, ts, cond, noise=None, keep_states=False):
     """Run the sampler storing nothing: ``(x_N, x_{N-1}, finite)`` (``finite[i]``: the state after
-    step ``i`` is finite)."""
+    step ``i`` is finite). Stochastic solvers get the noise of step ``i`` as in ``fastsample.sample``.
+    ``keep_states``: also return the states after every step, ``(N, *x.shape)``."""
     n = ts.shape[0] - 1
     state = solver.init_state(denoiser, x, cond, ts[-1], n)
 
     def body(carry, i):
         x, _, state = carry
-        x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
-        return (x1, x, state), jnp.all(jnp.isfinite(x1))
+        if noise is None:
+            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
+        else:
+            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state, noise.at_step(i, ts[i], ts[i + 1]))
+        return (x1, x, state), (jnp.all(jnp.isfinite(x1)), x1 if keep_states else None)
 
-    (x_n, x_before, _), finite = jax.lax.scan(body, (x, x, state), jnp.arange(n))
+    (x_n, x_before, _), (finite, states) = jax.lax.scan(body, (x, x, state), jnp.arange(n))
+    if keep_states:
+        return x_n, x_before, finite, states
     return x_n, x_before, finite
 
 
@@ -299,8 +376,8 @@ def _zero_cotangent(ct, like):
 
 def _ends(inputs):
     """The custom-VJP forward pass: outputs, and the last two states as residuals."""
-    x, denoiser, cond, solver, ts = inputs
-    x_n, x_before, finite = _forward(solver, denoiser, x, ts, cond)
+    x, denoiser, cond, solver, ts = inputs[:5]
+    x_n, x_before, finite = _forward(solver, denoiser, x, ts, cond, *inputs[5:])
     return (x_n, finite), (x_n, x_before)
 
 
@@ -308,52 +385,97 @@ def _ends(inputs):
 
 
 @eqx.filter_custom_vjp
-def _adjoint_solve(inputs, order):
-    x, denoiser, cond, solver, ts = inputs
-    x_n, _, finite = _forward(solver, denoiser, x, ts, cond)
+def _adjoint_solve(inputs, how):
+    x, denoiser, cond, solver, ts, noise = inputs
+    x_n, _, finite = _forward(solver, denoiser, x, ts, cond, noise)
     return x_n, finite
 
 
 @_adjoint_solve.def_fwd
-def _adjoint_fwd(perturbed, inputs, order):
-    _, p_denoiser, _, p_solver, p_ts = perturbed
+def _adjoint_fwd(perturbed, inputs, how):
+    _, p_denoiser, _, p_solver, p_ts, _ = perturbed
     hint = "use gradient='full', 'remat' or 'binomial' to differentiate it."
     _refuse(p_ts, "the time grid (given as traced `timesteps`, or derived from a differentiated process)",
             "adjoint", hint)
     _refuse(p_solver, "solver parameters", "adjoint", hint)
     _refuse(p_denoiser.process, "the noise process", "adjoint",
             "differentiate only the model (e.g. eqx.partition the Denoiser) or " + hint)
-    return _ends(inputs)
+    x, denoiser, cond, solver, ts, noise = inputs
+    if noise is None:
+        return _ends(inputs)
+    # The SDE: the states are kept (one per step, no activations). Reconstructing them backwards is
+    # unstable: the reverse SDE contracts strongly, so inverting its steps amplifies every error.
+    x_n, x_before, finite, states = _forward(solver, denoiser, x, ts, cond, noise, keep_states=True)
+    return (x_n, finite), (x_n, x_before, states)
 
 
 @_adjoint_solve.def_bwd
-def _adjoint_bwd(residuals, grad_obj, perturbed, inputs, order):
-    x_n, x_before = residuals
+def _adjoint_bwd(residuals, grad_obj, perturbed, inputs, how):
+    x_n, x_before, *states = residuals
     ct = _zero_cotangent(grad_obj[0], x_n)
-    _, denoiser, cond, solver, ts = inputs
-    _, p_denoiser, p_cond, _, _ = perturbed
+    x_T, denoiser, cond, solver, ts, noise = inputs
+    _, p_denoiser, p_cond, _, _, _ = perturbed
     diff, static = eqx.partition((denoiser, cond), (p_denoiser, p_cond))
+    method, order = how
 
     def model(x, d, t):
         den, c = eqx.combine(d, static)
         return den(x, t, c)
 
-    a0, grads = adjoint_backward(model, diff, denoiser.process, x_n, x_before, ct, ts, order)
+    log_rho = None
+    if noise is not None:  # forward step i (ts[i] -> ts[i + 1]) contracts by rho_i (the reverse SDE it discretises)
+        def log_rho(i):
+            return solver.sde_log_rho(denoiser.process, ts[i], ts[i + 1])
+
+    state_at = None
+    if states:  # the state at ts[i]: x_T, or the one after step i - 1
+        def state_at(i):
+            return jnp.where(i == 0, x_T, states[0][jnp.maximum(i - 1, 0)])
+
+    a0, grads = adjoint_backward(model, diff, denoiser.process, x_n, x_before, ct, ts, order, method, log_rho,
+                                 state_at)
     g_denoiser, g_cond = grads
-    none = jax.tree.map(lambda _: None, eqx.filter(solver, eqx.is_inexact_array))
-    return a0, g_denoiser, g_cond, none, None
+    none = jax.tree.map(lambda _: None, eqx.filter((solver, noise), eqx.is_inexact_array))
+    return a0, g_denoiser, g_cond, none[0], None, none[1]
 
 
-def adjoint_backward(model, params, process, x_n, x_before, ct, ts, order: int = 2):
-    """Solve the probability-flow ODE's adjoint backwards over the grid ``ts`` (see the module
-    docstring). ``model(x, params, t)`` is the data prediction; ``x_n`` the sampler's output at
-    ``ts[-1]`` and ``x_before`` its state at ``ts[-2]`` (used when ``ts[-1] = 0``); ``ct`` the
-    cotangent of ``x_n``. Returns ``(dL/dx_T, dL/dparams)``. One model VJP per step."""
+def adjoint_backward(model, params, process, x_n, x_before, ct, ts, order: int = 2, method: str = "adjointdeis",
+                     log_rho=None, state_at=None):
+    """Solve the adjoint backwards over the grid ``ts`` (see the module docstring and :class:`Adjoint`).
+
+    ``model(x, params, t)`` is the data prediction; ``x_n`` the sampler's output at ``ts[-1]`` and
+    ``x_before`` its state at ``ts[-2]`` (used when ``ts[-1] = 0``: that step is ``x_n = D(x_before)``
+    and its VJP is taken exactly); ``ct`` the cotangent of ``x_n``. ``method``: ``"adjointdeis"``
+    or ``"adjointdpm"``. ``log_rho(i)`` (stochastic samplers): forward step ``i`` contracts by
+    ``rho = e^{log_rho}``, i.e. discretises the reverse SDE of that noise level (default: ``rho = 1``,
+    the PF-ODE). ``state_at(i)`` (optional): the forward state at ``ts[i]``, used instead of
+    reconstructing it backwards (needed for the SDE, whose steps do not invert stably).
+    Returns ``(dL/dx_T, dL/dparams)``. One model VJP per step.
+
+    Both methods share one step. With ``A``, ``W`` such that the forward step from ``t`` to ``s`` is
+    ``x_s = A x_t + W F(x_t)`` (``F``: ``D`` for AdjointDEIS, ``eps`` for AdjointDPM; plus noise for
+    the SDE) and model outputs frozen at ``s``, the backward step is
+
+        x_t = (x_s - W F) / A,    a_t = A a_s + (alpha_s / alpha_t) W J_F^T a_s,    g_t = g_s + W J_theta^T a_s,
+
+    the exponential integrator of the (augmented) adjoint ODE. Order 2 extrapolates ``F``,
+    ``alpha^2 J_F^T a`` and ``s_x J_theta^T a`` (``s_x = sigma`` resp. ``alpha``, the slowly varying
+    quantities of each method's variables) linearly from the previous node, in ``lambda``
+    (AdjointDEIS-2M, the DPM-Solver++(2M) coefficient) resp. ``rho`` (Adams-Bashforth 2). A step from
+    pure noise (``alpha_t = 0``) uses the data-prediction form, holds ``sigma^2 J_D^T a`` and is
+    first order.
+    """
+    if method not in ADJOINT_METHODS:
+        raise ValueError(f"adjoint method must be one of {', '.join(ADJOINT_METHODS)}; got {method!r}.")
     n = ts.shape[0] - 1
+    dpm = method == "adjointdpm"
     lam = process.log_snr(ts)
     alpha, sig = process.alpha_sigma(ts)
+    safe_alpha = jnp.where(alpha > 0, alpha, 1.0)
+    u = sig / safe_alpha if dpm else lam  # the variable of the order-2 extrapolation
     zero_g = jax.tree.map(jnp.zeros_like, params)
-    zero_m = (jnp.zeros_like(x_n), jnp.zeros_like(x_n), zero_g)
+    zero = jnp.zeros_like(x_n)
+    int0 = jnp.asarray(0, jnp.int32)
 
     def vjp(x, a, t):
         d, pull = jax.vjp(lambda x_, p_: model(x_, p_, t), x, params)
@@ -361,43 +483,54 @@ def adjoint_backward(model, params, process, x_n, x_before, ct, ts, order: int =
         return d, vx, vp
 
     def step(carry, k):
-        # From ts[k] (lambda_t) back to ts[k - 1] (lambda_s < lambda_t).
-        x, b, g, m_prev, lam_prev, count = carry
-        lt, ls, at, st, ss = lam[k], lam[k - 1], alpha[k], sig[k], sig[k - 1]
-        d, vx, vp = vjp(x, b / st, ts[k])
-        # (x / sigma, b) with weights (e^l, e^-l) and M = (D, alpha^2 J_x^T a); f = alpha J_p^T a.
-        m = (d, at * at * vx, jax.tree.map(lambda v: at * v, vp))
-        from_noise = ~jnp.isfinite(ls)  # a step into alpha = 0 (pure noise)
-        c_plus = jnp.exp(lt) * jnp.expm1(ls - lt)  # e^l_s - e^l_t
-        c_minus = jnp.where(from_noise, 0.0, jnp.exp(-lt) * jnp.expm1(lt - ls))  # e^-l_s - e^-l_t
-        h, h_prev = ls - lt, lt - lam_prev
+        # From ts[k] (s) back to ts[k - 1] (t); forward step k - 1 went from t to s.
+        x, a, g, f_prev, p_prev, q_prev, u_prev, count = carry
+        d, vx, vp = vjp(x, a, ts[k])
+        al_s, s_s, s_t = alpha[k], sig[k], sig[k - 1]
+        h = lam[k] - lam[k - 1]
+        from_noise = ~jnp.isfinite(lam[k - 1])  # a step out of alpha = 0 (pure noise)
+        lr = jnp.zeros_like(h) if log_rho is None else log_rho(k - 1)
+        a_coef, w_coef = (s_s / s_t) * jnp.exp(lr), al_s * -jnp.expm1(lr - h)  # x_s = A x_t + W D (+ noise)
+        if dpm:  # x_s = (alpha_s / alpha_t) x_t + (sigma_s - alpha_s sigma_t / alpha_t) eps (the same DDIM step)
+            a_dpm = al_s / safe_alpha[k - 1]
+            a_coef = jnp.where(from_noise, a_coef, a_dpm)
+            w_coef = jnp.where(from_noise, w_coef, s_s - a_dpm * s_t)
+            use_eps = ~from_noise
+            f = jnp.where(use_eps, (x - al_s * d) / s_s, d)
+            jx = jnp.where(use_eps, (a - al_s * vx) / s_s, vx)
+            jp = jax.tree.map(lambda v: jnp.where(use_eps, -(al_s / s_s), 1.0) * v, vp)
+            s_x = jnp.where(use_eps, al_s, s_s)
+        else:
+            f, jx, jp, s_x = d, vx, vp, s_s
+        p = al_s * al_s * jx
+        q = jax.tree.map(lambda v: s_x * v, jp)
         second = (order >= 2) & (count > 0) & ~from_noise
-        k2 = jnp.where(second, h / (2.0 * jnp.where(second, h_prev, 1.0)), 0.0)  # 1 / (2 r), r = h_prev / h
-        inc_x, inc_b = (u + k2 * (u - w) for u, w in zip(m[:2], m_prev[:2], strict=True))
-        x_s = ss * (x / st + c_plus * inc_x)
-        # Into pure noise the e^-lambda weight is unbounded: hold sigma^2 J_x^T a instead (weight e^lambda).
-        b_s = b + jnp.where(from_noise, -c_plus * st * st * vx, c_minus * inc_b)
-        # dL/dparams = int f d lambda: trapezoidal rule on the interval [lambda_t, lambda_prev] just closed.
-        w = jnp.where(count > 0, -0.5 * h_prev, 0.0)
-        g = _tree_add(g, jax.tree.map(lambda u, v: w * (u + v), m[2], m_prev[2]))
-        return (x_s, b_s, g, m, lt, count + 1), None
+        k2 = jnp.where(second, (u[k - 1] - u[k]) / (2.0 * jnp.where(second, u[k] - u_prev, 1.0)), 0.0)
+
+        def ext(cur, prev):
+            return cur + k2 * (cur - prev)
+
+        if state_at is None:
+            x_t = jnp.where(a_coef > 0, (x - w_coef * ext(f, f_prev)) / jnp.where(a_coef > 0, a_coef, 1.0), x)
+        else:
+            x_t = state_at(k - 1)
+        # (alpha_s / alpha_t) W J^T a = W / (alpha_t alpha_s) p; out of pure noise sigma^2 J^T a is held instead.
+        c_p = jnp.where(from_noise, w_coef * s_s / (s_t * al_s * al_s), w_coef / (safe_alpha[k - 1] * al_s))
+        a_t = a_coef * a + c_p * ext(p, p_prev)
+        g = _tree_add(g, jax.tree.map(lambda cur, prev: (w_coef / s_x) * ext(cur, prev), q, q_prev))
+        return (x_t, a_t, g, f, p, q, u[k], count + 1), None
 
     def last_to_zero(_):
         # x_N = D(x_{N-1}, t_{N-1}) exactly: take its VJP from the stored state.
         _, vx, vp = vjp(x_before, ct, ts[n - 1])
-        return x_before, sig[n - 1] * vx, vp, zero_m, lam[n - 1], jnp.asarray(0, jnp.int32)
+        return x_before, vx, vp, zero, zero, zero_g, u[n - 1], int0
 
     def last_continuous(_):
-        carry = (x_n, sig[n] * ct, zero_g, zero_m, lam[n], jnp.asarray(0, jnp.int32))
-        return step(carry, n)[0]
+        return step((x_n, ct, zero_g, zero, zero, zero_g, u[n], int0), n)[0]
 
     carry = jax.lax.cond(ts[n] == 0, last_to_zero, last_continuous, None)
     carry, _ = jax.lax.scan(step, carry, jnp.arange(n - 1, 0, -1))
-    _, b0, g, m_last, lam_last, count = carry
-    # The first interval [lambda_0, lambda_1] (unbounded from pure noise): f held with weight e^lambda.
-    w = jnp.where(count > 0, -jnp.expm1(lam[0] - lam_last), 0.0)
-    g = _tree_add(g, jax.tree.map(lambda u: w * u, m_last[2]))
-    return b0 / sig[0], g
+    return carry[1], carry[2]
 
 
 # --------------------------------------------------------------------------------- reversible

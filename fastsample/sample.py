@@ -101,7 +101,7 @@ def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite,
 
     steps = ts.shape[0] - 1
     if gradient is not None and gradient.custom:  # a custom-VJP solve (adjoint, reversible)
-        (x_final, finite), traj = gradient.solve(solver, denoiser, x, ts, cond), None
+        (x_final, finite), traj = gradient.solve(solver, denoiser, x, ts, cond, noise), None
     else:  # the memory mode's scan: lax.scan, rematerialised or recursively checkpointed
         (x_final, _), (traj, finite) = get_gradient(gradient or "full").scan(body, (x, state), steps)
     if check_finite:

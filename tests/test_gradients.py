@@ -20,6 +20,8 @@ import pytest
 import fastsample as fs
 from fastsample import gradients as G
 from fastsample.models import GaussianMixture
+from fastsample.noise import make_noise
+from fastsample.solvers import DPMSolverMultistepSDE
 
 PROC = fs.VPLinear()
 
@@ -239,8 +241,9 @@ def test_stochastic_solvers_differentiate_a_fixed_noise_path(x64):
     _assert_trees_close(eqx.filter_grad(lambda p: loss(p, "binomial"))(params), full, 1e-6)
     fd, v = _directional_fd(jax.jit(lambda p: loss(p, "full")), params, jax.random.PRNGKey(4))
     assert abs(_dot(full, v) - fd) <= 1e-6 * max(1.0, abs(fd))
-    with pytest.raises(ValueError, match="stochastic"):
-        loss(params, "adjoint")
+    with pytest.raises(ValueError, match="'dpmpp_sde' is not one"):  # no SDE adjoint for the singlestep SDE solver
+        fs.sample(fs.Denoiser(params["model"], PROC, "x0"), params["x_T"], "dpmpp_sde", nfe=8,
+                  key=jax.random.PRNGKey(3), cond=jnp.zeros_like(params["x_T"]), gradient="adjoint")
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -286,3 +289,156 @@ def test_checkpointed_scan_equals_lax_scan_for_any_length():
         np.testing.assert_allclose(carry, carry_ref, rtol=1e-6)
         np.testing.assert_allclose(ys, ys_ref, rtol=1e-6)
         np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+# ------------------------------------------------------------------- SDE adjoint, AdjointDPM
+
+
+def _sde_adjoint_sample(den, x_T, solver, ts, key, cond=None, kind="independent"):
+    """The SDE adjoint's solve with the noise source ``fastsample.sample(..., key=key, noise=kind)`` builds."""
+    solver = fs.get_solver(solver)
+    return G.Adjoint().solve(solver, den, x_T, ts, cond, make_noise(kind, key, 0.0, float(PROC.t_max)))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver, eta", [("ddpm", 1.0), (DPMSolverMultistepSDE(order=1, eta=0.5), 0.5)],
+                         ids=["ddpm", "sde-dpm-solver++1-eta0.5"])
+def test_sde_adjoint_jacobian_converges_to_the_fixed_noise_closed_form(x64, solver, eta):
+    """Gaussian data, the reverse SDE of noise level ``nu`` with its noise held fixed:
+    ``dx/dlambda = (dlog sigma/dlambda - nu + (1 + nu) alpha^2 s^2 / r^2) x + ...``, and
+    ``int alpha^2 s^2 / r^2 dlambda = log(r_0 sigma_T / (r_T sigma_0))``, so ``d x_0 / d x_T =
+    (r_0 / r_T)^(1 + nu) (alpha_T / alpha_0)^nu`` (``nu = 1``: DDPM). The SDE adjoint converges to
+    it at first order, and its forward pass is ``fastsample.sample``'s with the same key."""
+    s, mu = 0.6, 0.4
+    den = GaussianMixture.gaussian(np.full(2, mu), s * s).denoiser(PROC)
+    x_T, key = jnp.array([[0.3, -1.2]]), jax.random.PRNGKey(0)
+    ns, errors = (32, 64, 128), []
+    for n in ns:
+        ts = fs.get_timesteps(PROC, n, "logsnr_uniform")
+        np.testing.assert_array_equal(_sde_adjoint_sample(den, x_T, solver, ts, key),
+                                      fs.sample(den, x_T, solver, nfe=None, timesteps=ts, key=key))
+        grad = jax.jit(jax.grad(lambda x, ts=ts: jnp.sum(_sde_adjoint_sample(den, x, solver, ts, key)[:, 0])))(x_T)
+        a, sig = PROC.alpha_sigma(ts[jnp.array([0, -1])])
+        r = jnp.sqrt(a**2 * s * s + sig**2)
+        exact = float((r[1] / r[0]) ** (1 + eta) * (a[0] / a[1]) ** eta)
+        assert abs(float(grad[0, 1])) < 1e-12
+        errors.append(float(grad[0, 0]) / exact - 1.0)
+    assert abs(errors[-1]) < 0.25, errors
+    assert 0.75 < _slope(ns, errors) < 1.5, errors
+
+
+@pytest.mark.slow
+def test_sde_adjoint_parameters_and_conditioning_converge_to_full(x64):
+    """DDPM through a conditional Gaussian model (learnable mean and log-variance), the same key:
+    the SDE adjoint's gradients for ``x_T``, the mean and ``cond`` (for Gaussian data they do not
+    depend on the noise) approach ``full``'s at first order; the log-variance's (which does) to 1e-3."""
+    rng = np.random.default_rng(0)
+    model = CondMixture(jnp.asarray(rng.normal(size=(1, 2))), jnp.log(jnp.array([0.3])), PROC)
+    params = dict(x_T=jnp.asarray(rng.normal(size=(3, 2))), model=model, cond=jnp.asarray(rng.normal(size=(3, 2))))
+    weights, key = jnp.asarray(rng.normal(size=(3, 2))), jax.random.PRNGKey(5)
+
+    def loss(p, ts, adjoint):
+        den = fs.Denoiser(p["model"], PROC, "x0")
+        if adjoint:
+            x = _sde_adjoint_sample(den, p["x_T"], "ddpm", ts, key, p["cond"])
+        else:
+            x = fs.sample(den, p["x_T"], "ddpm", nfe=None, timesteps=ts, key=key, cond=p["cond"])
+        return jnp.sum(weights * x)
+
+    ns, rel = (32, 64, 128), {"x_T": [], "means": [], "cond": [], "log_var": []}
+    for n in ns:
+        ts = fs.get_timesteps(PROC, n, "logsnr_uniform")
+        full, adj = (eqx.filter_jit(eqx.filter_grad(lambda p, a=a, ts=ts: loss(p, ts, a)))(params)
+                     for a in (False, True))
+        for name, get in (("x_T", lambda g: g["x_T"]), ("means", lambda g: g["model"].means),
+                          ("cond", lambda g: g["cond"]), ("log_var", lambda g: g["model"].log_var)):
+            rel[name].append(float(jnp.linalg.norm(get(adj) - get(full)) / jnp.linalg.norm(get(full))))
+    for name in ("x_T", "means", "cond"):
+        assert 0.75 < _slope(ns, rel[name]) < 1.5, (name, rel)
+    assert rel["means"][-1] < 1e-4 and rel["cond"][-1] < 1e-4 and rel["x_T"][-1] < 0.25, rel
+    assert max(rel["log_var"]) < 1e-3, rel
+
+
+@pytest.mark.slow
+def test_adjointdpm_converges_at_its_order_and_agrees_with_adjointdeis(x64):
+    """AdjointDPM (Euler / Adams-Bashforth 2 in ``rho = sigma / alpha``) on Gaussian data: ``d x_0 / d x_T``
+    converges to ``r_0 / r_T`` at orders 1 and 2, and its distance to AdjointDEIS falls as N grows."""
+    s, mu = 0.6, 0.4
+    den = GaussianMixture.gaussian(np.full(2, mu), s * s).denoiser(PROC)
+    x_T = jnp.array([[0.3, -1.2]])
+    ns = (64, 128, 256)
+
+    def jac(solver, mode, n):
+        g = jax.grad(lambda x: fs.sample(den, x, solver, nfe=n, schedule="logsnr_uniform", gradient=mode)[0, 0])
+        return float(g(x_T)[0, 0])
+
+    for solver, order in (("ddim", 1), ("dpmpp_2m", 2)):
+        errors, gaps = [], []
+        for n in ns:
+            a, sig = PROC.alpha_sigma(fs.get_timesteps(PROC, n, "logsnr_uniform")[jnp.array([0, -1])])
+            r = jnp.sqrt(a**2 * s * s + sig**2)
+            dpm = jac(solver, G.Adjoint(order=order, method="adjointdpm"), n)
+            errors.append(dpm - float(r[1] / r[0]))
+            gaps.append(abs(dpm - jac(solver, G.Adjoint(order=order), n)))
+        assert order - 0.25 < _slope(ns, errors) < order + 0.5, (solver, errors)
+        assert gaps[-1] < gaps[0] / 2 ** (2 * order - 0.5) and abs(errors[-1]) < 0.15, (solver, gaps, errors)
+
+
+def test_adjoint_modes_refuse_what_they_cannot_do():
+    den = GaussianMixture.gaussian(np.zeros(2), 1.0).denoiser(PROC)
+    x, key = jnp.ones((1, 2)), jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="Adjoint method must be one of adjointdeis, adjointdpm; got 'bogus'"):
+        G.Adjoint(method="bogus")
+    with pytest.raises(ValueError, match="method='adjointdpm'.*is the probability-flow ODE's adjoint"):
+        fs.sample(den, x, "ddpm", nfe=4, key=key, gradient=G.Adjoint(method="adjointdpm"))
+    with pytest.raises(ValueError, match="SDE adjoint.*is first order: use Adjoint\\(order=1\\)"):
+        fs.sample(den, x, "ddpm", nfe=4, key=key, gradient=G.Adjoint(order=2))
+    with pytest.raises(ValueError, match="'edm_stochastic' is not one"):
+        fs.sample(den, x, "edm_stochastic", nfe=4, key=key, gradient="adjoint")
+    ts = fs.get_timesteps(PROC, 4, "logsnr_uniform")
+    with pytest.raises(ValueError, match="needs the sampler's noise source"):
+        G.Adjoint().solve(fs.get_solver("ddpm"), den, x, ts, None)
+    assert G.Adjoint().resolved_order(fs.get_solver("ddpm")) == 1
+    assert G.Adjoint().resolved_order(fs.get_solver("ddim")) == 2
+
+
+def test_sample_runs_the_sde_adjoint_with_its_own_noise():
+    den = GaussianMixture.gaussian(np.zeros(2), 1.0).denoiser(PROC)
+    x, key = jnp.ones((2, 2)), jax.random.PRNGKey(0)
+    ts = fs.get_timesteps(PROC, 8, "logsnr_uniform")
+    g = jax.grad(lambda x: jnp.sum(fs.sample(den, x, "ddpm", timesteps=ts, key=key, gradient="adjoint")))(x)
+    ref = jax.grad(lambda x: jnp.sum(_sde_adjoint_sample(den, x, "ddpm", ts, key)))(x)
+    np.testing.assert_allclose(g, ref, rtol=1e-6)
+
+
+def _sde_temp_bytes(n):
+    dim, width, batch = 64, 512, 256
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    model = WideModel(jax.random.normal(key1, (dim, width)) / 8, jax.random.normal(key2, (width, dim)) / 32)
+    ts = fs.get_timesteps(PROC, n, "logsnr_uniform").astype(jnp.float32)
+    noise = make_noise("independent", jax.random.PRNGKey(1), 0.0, float(PROC.t_max))
+
+    def loss(model, x, mode):
+        den = fs.Denoiser(model, PROC, "x0")
+        if mode == "adjoint":
+            out = G.Adjoint().solve(fs.get_solver("ddpm"), den, x, ts, None, noise)[0]
+        else:
+            out = fs.sample(den, x, "ddpm", nfe=None, timesteps=ts, key=jax.random.PRNGKey(1))
+        return jnp.sum(out**2)
+
+    x = jnp.zeros((batch, dim), jnp.float32)
+    return [jax.jit(jax.grad(lambda m, x, mode=mode: loss(m, x, mode), argnums=(0, 1))).lower(model, x).compile()
+            .memory_analysis().temp_size_in_bytes for mode in ("adjoint", "full")], batch * dim * 4
+
+
+@pytest.mark.slow
+def test_compiled_memory_of_the_sde_adjoint_and_adjointdpm():
+    """AdjointDPM does not grow with N; the SDE adjoint keeps one state per step (no activations):
+    from N = 16 to 64 it grows by at most 1.1 states per step, and uses 10x less than ``full``."""
+    small, _ = _temp_bytes(G.Adjoint(method="adjointdpm"), 16)
+    large, state = _temp_bytes(G.Adjoint(method="adjointdpm"), 64)
+    assert large - small < state, (small, large)
+    (adj16, _), state = _sde_temp_bytes(16)
+    (adj64, full64), _ = _sde_temp_bytes(64)
+    assert adj64 - adj16 <= 1.1 * 48 * state, (adj16, adj64)
+    assert adj64 * 10 <= full64, (adj64, full64)

@@ -67,6 +67,12 @@ class AncestralDDIM(AbstractStochasticSolver):
         z = self.s_noise * noise.step_normal(x)
         return ancestral_step(process, t0, t1, x, x0, log_rho, z, std), state
 
+    def sde_log_rho(self, process, t0, t1):
+        """``log rho`` of the step from ``t0`` to ``t1``: it is an exponential step of the reverse SDE
+        that contracts by ``rho`` (:func:`~fastsample.solvers.stochastic_base.ancestral_step`) plus
+        additive noise; the SDE adjoint (:class:`fastsample.gradients.Adjoint`) integrates that SDE's adjoint."""
+        return log_rho_ddim(self.eta, process.log_snr(t1) - process.log_snr(t0))
+
 
 class EDMStochastic(AbstractStochasticSolver):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) for any process: at a step from

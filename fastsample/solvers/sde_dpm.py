@@ -67,6 +67,11 @@ class DPMSolverMultistepSDE(AbstractStochasticSolver, DPMSolverMultistep):
         std = self.s_noise * process.sigma(t1) * jnp.sqrt(-jnp.expm1(-2.0 * eta_h(self.eta, h)))
         return x1 + std.astype(x.dtype) * noise.step_normal(x), state
 
+    def sde_log_rho(self, process, t0, t1):
+        """``log rho = -eta h``: the contraction of the reverse SDE this solver discretises (its noise
+        is additive); the SDE adjoint (:class:`fastsample.gradients.Adjoint`) integrates that SDE's adjoint."""
+        return -eta_h(self.eta, process.log_snr(t1) - process.log_snr(t0))
+
 
 class DPMSolverSDE(AbstractStochasticSolver):
     """DPM-Solver++ SDE, singlestep (k-diffusion's ``dpmpp_sde``): DPM-Solver++(2S) whose two
