@@ -7,8 +7,10 @@ method is fitted at every NFE with the final step to sigma = 0, and the held-out
 endpoint is reported beside its base solver's and beside the best training-free configuration of
 ``benchmarks/results/quality.json`` (re-run on the same held-out noise). Gradient-fitted methods
 take ``--steps`` Adam steps (cosine decay from ``--lr``, batches of 128); the best parameters on the
-held-out set are kept. The anchor, dpmpp_2m on Karras sigmas with a final step to sigma = 0, is
-measured too.
+held-out set are kept. BNS and Bespoke start from the learned grid of their base solver
+(``fit_solver(..., warm_start=True)``; Bespoke's base is Euler / the midpoint rule, whose learned
+grid is reported as its own row). The anchor, dpmpp_2m on Karras sigmas with a final step to
+sigma = 0, is measured too.
 
     python benchmarks/learned.py [--quick] [--steps 3000] [--lr 5e-3]
 
@@ -32,6 +34,7 @@ import optax  # noqa: E402
 
 import fastsample as fs  # noqa: E402
 from fastsample.learned import fit_solver, make_reference  # noqa: E402
+from fastsample.learned.fitting import WARM_STARTABLE  # noqa: E402
 from fastsample.models import GaussianMixture  # noqa: E402
 from fastsample.results import environment, markdown_table  # noqa: E402
 
@@ -102,11 +105,19 @@ def run(quick: bool, steps: int, n_train: int, n_val: int, lr: float):
                 opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
                 solver, report = fit_solver(method, denoiser, train, val, nfe, base=base or "ipndm",
                                             schedule=schedule, schedule_options=options, steps=steps,
-                                            batch_size=min(128, n_train), eval_every=50, optimizer=opt)
+                                            batch_size=min(128, n_train), eval_every=50, optimizer=opt,
+                                            warm_start=method in WARM_STARTABLE)
                 row = {"process": pname, "method": method if method != "bespoke_rk1" and method != "bespoke_rk2"
                        else "bespoke", "nfe": nfe, "base": f"{report.base} ({schedule})",
                        "rmse": report.fitted_rmse, "base_rmse": report.base_rmse, "params": report.num_params,
                        "fit_seconds": round(time.time() - start, 1)}
+                if report.warm_start is not None:
+                    row["learned_grid_rmse"] = report.warm_start.fitted_rmse
+                    if method.startswith("bespoke"):  # the learned grid of Bespoke's own base, for free
+                        grid = report.warm_start
+                        rows.append({"process": pname, "method": f"learned_grid ({grid.base})", "nfe": nfe,
+                                     "base": f"{grid.base} ({schedule})", "rmse": grid.fitted_rmse,
+                                     "base_rmse": grid.base_rmse, "params": grid.num_params})
                 if not np.isfinite(row["rmse"]):
                     row["failure"] = "non-finite"
                 rows.append(row)
