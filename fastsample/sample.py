@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import diffrax
@@ -14,6 +15,7 @@ from ._compat import is_traced
 from .denoisers import Denoiser
 from .distributed import shard_batch
 from .gradients import AbstractGradient, get_gradient
+from .linear_steps import Unsupported, concrete_tables, initial_slots, linear_body, probing_body
 from .noise import NOISE_KINDS, AbstractNoise, make_noise
 from .processes import AbstractProcess
 from .solvers import AbstractFastSolver, DPMSolverAdaptive, get_solver
@@ -69,8 +71,18 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
         raise ValueError(f"nfe must be a positive integer; got {nfe!r}.")
     solver = solver.for_budget(nfe, ends_at_zero)
     steps = solver.steps_for_nfe(nfe, ends_at_zero)
-    ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
+    with _eager_if_concrete(process, options):  # a concrete grid also under a caller's jit
+        ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
     return solver, ts, steps, ends_at_zero
+
+
+def _eager_if_concrete(*trees):
+    """``jax.ensure_compile_time_eval()`` when no leaf of ``trees`` is traced: a grid computed
+    from concrete values stays concrete inside a caller's ``jit``, so that the solver's tables
+    can be computed once, while tracing (:func:`fastsample.linear_steps.concrete_tables`)."""
+    if any(is_traced(leaf) for leaf in jax.tree.leaves(trees)):
+        return contextlib.nullcontext()
+    return jax.ensure_compile_time_eval()
 
 
 def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> None:
@@ -87,23 +99,21 @@ def check_start(solver: AbstractFastSolver, process: AbstractProcess, ts) -> Non
 
 
 @eqx.filter_jit
-def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite, noise=None, gradient=None):
-    state = solver.init_state(denoiser, x, cond, ts[-1], ts.shape[0] - 1)
-
-    def body(carry, i):
-        x, state = carry
-        if noise is None:
-            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
-        else:  # stochastic solvers: the noise of step i comes from the scan index i
-            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state, noise.at_step(i, ts[i], ts[i + 1]))
-        out = (x1 if return_trajectory else None, jnp.all(jnp.isfinite(x1)) if check_finite else None)
-        return (x1, state), out
-
+def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite, noise=None, gradient=None,
+                 fused=True, tables=None):
     steps = ts.shape[0] - 1
     if gradient is not None and gradient.custom:  # a custom-VJP solve (adjoint, reversible)
         (x_final, finite), traj = gradient.solve(solver, denoiser, x, ts, cond, noise), None
     else:  # the memory mode's scan: lax.scan, rematerialised or recursively checkpointed
-        (x_final, _), (traj, finite) = get_gradient(gradient or "full").scan(body, (x, state), steps)
+        step, carry = _stepper(solver, denoiser, x, ts, cond, noise, fused, tables)
+
+        def body(carry, i):
+            carry = step(carry, i)
+            x1 = carry[0]
+            return carry, (x1 if return_trajectory else None, jnp.all(jnp.isfinite(x1)) if check_finite else None)
+
+        carry, (traj, finite) = get_gradient(gradient or "full").scan(body, carry, steps)
+        x_final = carry[0]
     if check_finite:
         bad = ~finite
         first = jnp.argmax(bad)
@@ -113,6 +123,31 @@ def _scan_sample(solver, denoiser, x, ts, cond, return_trajectory, check_finite,
     if return_trajectory:
         traj = jnp.concatenate([x[None], traj])
     return x_final, traj
+
+
+def _stepper(solver, denoiser, x, ts, cond, noise, fused, tables=None):
+    """``(step, carry)``: one step of the sampler, ``step(carry, i) -> carry`` with the state
+    ``carry[0]``, and the first carry. When ``fused``, a linear solver runs from its per-step tables
+    (:mod:`fastsample.linear_steps`: given as constants, or each step's row worked out in the
+    loop); otherwise ``solver.update`` steps."""
+    steps = ts.shape[0] - 1
+    if fused and noise is None:
+        try:
+            if tables is not None:
+                slots = initial_slots(solver, denoiser.process, x, ts[-1], steps)
+                return linear_body(tables, denoiser, cond), (x, slots)
+            return probing_body(solver, denoiser, x, ts, cond, steps)
+        except Unsupported:
+            pass
+
+    def step(carry, i):
+        x, state = carry
+        if noise is None:
+            return solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
+        # stochastic solvers: the noise of step i comes from the scan index i
+        return solver.update(denoiser, ts[i], ts[i + 1], x, cond, state, noise.at_step(i, ts[i], ts[i + 1]))
+
+    return step, (x, solver.init_state(denoiser, x, cond, ts[-1], steps))
 
 
 #: Defaults measured by ``benchmarks/quality.py`` (best geometric-mean RMSE over VPDiscrete, EDM and
@@ -161,6 +196,7 @@ def sample(
     check_finite: bool = False,
     gradient: str | AbstractGradient = "full",
     mesh=None,
+    fused: bool = True,
 ):
     """Sample by integrating from ``t_max`` to ``t_min`` (or ``0``) on a fixed grid.
 
@@ -197,6 +233,13 @@ def sample(
             ``"data"`` along its leading axis and the result stays sharded
             (:func:`fastsample.distributed.gather` brings it to every process). Sample ``b`` is the
             same whatever the device count.
+        fused: run a linear solver (every deterministic registry solver but the ones that skip
+            evaluations under ``lax.cond``) from per-step coefficient tables, so that each step is
+            its model calls and one fused elementwise update (:mod:`fastsample.linear_steps`).
+            Inside a caller's ``jit`` with a grid known while tracing (``nfe=...``, or a concrete
+            ``timesteps``) the tables are constants and the loop does no scalar work; otherwise
+            each step's row is worked out in the loop. ``False`` calls the solver's ``update`` in
+            every step. All give the same samples up to rounding.
 
     Returns:
         ``x_0``, followed by the trajectory and/or the info when asked for.
@@ -226,10 +269,18 @@ def sample(
     else:  # a fitted solver brings its own grid (evaluation times may repeat, e.g. Heun's)
         ts, steps, ends_at_zero = jnp.asarray(fitted_grid), fitted_grid.shape[0] - 1, False
     check_start(solver, denoiser.process, ts)
-    ts = ts.astype(x_T.dtype)
+    with _eager_if_concrete(ts):
+        ts = ts.astype(x_T.dtype)
     noise = _noise_for(solver, denoiser.process, key, noise, ts)
     gradient.check(solver, return_trajectory=return_trajectory)
-    x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite, noise, gradient)
+    tables = None
+    if fused and noise is None and not gradient.custom:
+        try:  # computed once here when the grid is known, so that the loop does no scalar work
+            tables = concrete_tables(solver, denoiser.process, ts, x_T.shape, x_T.dtype, ts.shape[0] - 1)
+        except Unsupported:
+            fused = False
+    x, traj = _scan_sample(solver, denoiser, x_T, ts, cond, return_trajectory, check_finite, noise, gradient,
+                           fused, tables)
     out = (x,)
     if return_trajectory:
         out += (traj,)

@@ -90,7 +90,8 @@ def test_zero_noise_reduces_to_the_ode_solver(x64, case):
     x_T = fs.prior(p, jax.random.PRNGKey(0), (16, 2))
     ts = np.asarray(fs.get_timesteps(p, 6, "karras", final_zero=case % 2 == 1))
     x_sde = fs.sample(d, x_T, sde, nfe=None, timesteps=ts, key=KEY)
-    x_ode = fs.sample(d, x_T, ode, nfe=None, timesteps=ts)
+    # the ODE solver's own steps (fused=False): its per-step tables agree only to rounding
+    x_ode = fs.sample(d, x_T, ode, nfe=None, timesteps=ts, fused=False)
     assert np.all(np.isfinite(x_sde))
     if bitwise:
         np.testing.assert_array_equal(x_sde, x_ode, err_msg=sde.name)

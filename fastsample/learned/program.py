@@ -64,6 +64,7 @@ class ProgramSolver(AbstractFastSolver):
     """
 
     name: ClassVar[str] = "program"
+    linear_steps: ClassVar[bool] = True
     times: jax.Array
     t_end: jax.Array
     a: jax.Array

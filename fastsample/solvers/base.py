@@ -29,6 +29,12 @@ class AbstractFastSolver(diffrax.AbstractSolver):
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
     #: model evaluations per step
     nfe_per_step: ClassVar[int] = 1
+    #: every step is linear in ``x``, the state's arrays and the model's data predictions, with
+    #: scalar coefficients that depend on the grid only, and makes the same model calls outside
+    #: ``lax.cond`` / ``lax.switch``: ``sample`` then runs it from per-step tables with the scalar
+    #: work hoisted out of the loop (:mod:`fastsample.linear_steps`). A solver that looks at the
+    #: values of ``x`` (norms, variances) or skips evaluations under ``lax.cond`` leaves it ``False``.
+    linear_steps: ClassVar[bool] = False
     @property
     def needs_finite_start(self) -> bool:
         """Whether the grid must start at a finite log-SNR (``alpha > 0``): noise-prediction
@@ -112,6 +118,10 @@ class AbstractWrapper(AbstractFastSolver):
     @property
     def name(self) -> str:
         return f"{self.prefix}_{self.base.name}"
+
+    @property
+    def linear_steps(self) -> bool:
+        return self.base.linear_steps
 
     def nfe(self, num_steps: int, final_zero: bool = False) -> int:
         return self.base.nfe(num_steps, final_zero)

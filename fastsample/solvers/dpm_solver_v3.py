@@ -58,6 +58,7 @@ class DPMSolverV3(AbstractMultistepSolver):
     corrector: bool = eqx.field(static=True, default=False)
 
     name: ClassVar[str] = "dpm_solver_v3"
+    linear_steps: ClassVar[bool] = False  # linear, but its coefficients vary per feature (the EMS)
 
     def __check_init__(self):
         if not isinstance(self.ems, EMS):

@@ -102,6 +102,7 @@ class DDIM(AbstractFastSolver):
     whichever prediction the model makes (DPM-Solver-1 = DPM-Solver++(1) = DDIM)."""
 
     name: ClassVar[str] = "ddim"
+    linear_steps: ClassVar[bool] = True
 
     def order(self, terms):
         return 1
@@ -175,6 +176,7 @@ class AbstractMultistepSolver(AbstractFastSolver):
     lower_order_final_below: int | None = eqx.field(static=True, default=15)
 
     max_order: ClassVar[int] = 3
+    linear_steps: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 1 <= self.order <= self.max_order:

@@ -75,6 +75,7 @@ class LMS(AbstractFastSolver):
     lower_order_final: bool = eqx.field(static=True, default=False)
 
     name: ClassVar[str] = "lms"
+    linear_steps: ClassVar[bool] = True
     max_order: ClassVar[int] = 4
 
     def __check_init__(self):

@@ -21,6 +21,7 @@ class Euler(AbstractFastSolver):
     k-diffusion's ``euler``; for ``FlowMatching`` the usual flow Euler step (both equal DDIM)."""
 
     name: ClassVar[str] = "euler"
+    linear_steps: ClassVar[bool] = True
 
     def order(self, terms):
         return 1
@@ -62,6 +63,7 @@ class Midpoint(AbstractFastSolver):
     base of Bespoke RK2 (Shaul et al., Bespoke Solvers for Generative Flow Models, 2023)."""
 
     name: ClassVar[str] = "midpoint"
+    linear_steps: ClassVar[bool] = True
     nfe_per_step: ClassVar[int] = 2
 
     def order(self, terms):

@@ -21,6 +21,7 @@ SA-Solver's ``tau^2``). Both give DDIM at ``eta = 0`` and the DDPM posterior at 
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -34,6 +35,9 @@ class AbstractStochasticSolver(AbstractFastSolver):
 
     ``fastsample.sample(..., key=...)`` runs them (a missing key is an error); the noise of step
     ``i`` comes from the scan index ``i`` (see :mod:`fastsample.noise`)."""
+
+    #: linear in the noise too, but per-step tables (:mod:`fastsample.linear_steps`) do not carry it
+    linear_steps: ClassVar[bool] = False
 
     @abc.abstractmethod
     def update(self, denoiser, t0, t1, x, cond, state, noise):

@@ -69,13 +69,23 @@ def _b_vector(hh, g, n: int):
 
 
 def _solve(rs, b):
-    """``rho`` with ``sum_k rho_k r_k^n = b_n`` (``n = 0..q-1``), a transposed Vandermonde system."""
+    """``rho`` with ``sum_k rho_k r_k^n = b_n`` (``n = 0..q-1``), a transposed Vandermonde system,
+    in closed form: ``rho_k = sum_n c_kn b_n`` with ``c_k`` the coefficients of the Lagrange
+    polynomial ``L_k(r) = prod_(j != k) (r - r_j) / (r_k - r_j)`` (elementwise scalar work that
+    fuses, unlike a linear solve)."""
     q = len(rs)
     if q == 1:
         return [b[0]]
-    R = jnp.stack([jnp.stack([r**n for r in rs]) for n in range(q)])
-    rho = jnp.linalg.solve(R, jnp.stack(b[:q]))
-    return [rho[k] for k in range(q)]
+    rho = []
+    for k in range(q):
+        coeffs, denom = [jnp.ones_like(rs[k])], jnp.ones_like(rs[k])
+        for j in range(q):
+            if j != k:  # multiply by (r - r_j)
+                coeffs = [-rs[j] * coeffs[0]] + [coeffs[n - 1] - rs[j] * coeffs[n] for n in range(1, len(coeffs))] \
+                    + [coeffs[-1]]
+                denom = denom * (rs[k] - rs[j])
+        rho.append(sum(c * bn for c, bn in zip(coeffs, b[:q], strict=True)) / denom)
+    return rho
 
 
 def _predictor_rhos(q: int, rks, b):

@@ -330,6 +330,7 @@ class TimeShift(_AbstractDenoiserWrapper):
             raise ValueError(f"TimeShift num_candidates must be an integer >= 2; got {self.num_candidates!r}.")
 
     prefix: ClassVar[str] = "ts"
+    linear_steps: ClassVar[bool] = False  # the shift looks at the variance of x
 
     def wrap(self, denoiser):
         return _TimeShifted(denoiser, self.window, self.cutoff, self.num_candidates)
