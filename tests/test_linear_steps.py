@@ -39,9 +39,9 @@ def test_every_deterministic_registry_solver_declares_linear_steps_or_uses_contr
 
 
 @pytest.mark.parametrize("name, final_zero", [(name, False) for name in TABLED] + [
-    (name, True) for name in ("dpmpp_2m", "dpm_solver_3m", "ipndm", "unipc")])
+    (name, True) for name in ("dpmpp_2m", "unipc")])
 def test_fused_loop_equals_the_solvers_own_steps(name, final_zero):
-    process = fs.VPDiscrete.ddpm_linear() if name in ("deis", "lms", "unipc_3") else fs.EDM()
+    process = fs.VPDiscrete.ddpm_linear() if name in ("deis", "unipc_3") else fs.EDM()
     denoiser, x = _setup(process)
     nfe = 10 if name != "midpoint" else 8
     kw = dict(nfe=nfe, schedule="logsnr_uniform", final_zero=final_zero)
@@ -60,7 +60,8 @@ def test_wrappers_and_programs_run_from_tables():
         kw = dict(nfe=8, schedule="karras") if solver is not program else {}
         plain = fs.sample(denoiser, x, solver, fused=False, **kw)
         assert _rel(fs.sample(denoiser, x, solver, **kw), plain) < 1e-12
-        assert _rel(jax.jit(lambda x, solver=solver, kw=kw: fs.sample(denoiser, x, solver, **kw))(x), plain) < 1e-12
+        if solver is program:  # inside jit: from constant tables
+            assert _rel(jax.jit(lambda x: fs.sample(denoiser, x, program))(x), plain) < 1e-12
 
 
 @pytest.mark.parametrize("solver, why", [
@@ -132,14 +133,14 @@ def test_a_grid_known_while_tracing_leaves_no_scalar_work_in_the_loop():
 def test_traced_grids_give_the_same_samples_and_gradients():
     process = fs.EDM()
     denoiser, x = _setup(process, batch=4)
-    _, ts, _, _ = resolve_grid(fs.get_solver("unipc"), process, 8, "karras", None, False, None)
+    _, ts, _, _ = resolve_grid(fs.get_solver("dpmpp_2m"), process, 5, "karras", None, False, None)
     ts = jnp.asarray(ts, jnp.float64)
 
     def loss(ts, fused):
-        return jnp.sum(fs.sample(denoiser, x, "unipc", timesteps=ts, fused=fused) ** 2)
+        return jnp.sum(fs.sample(denoiser, x, "dpmpp_2m", timesteps=ts, fused=fused) ** 2)
 
-    a = jax.jit(lambda ts: fs.sample(denoiser, x, "unipc", timesteps=ts))(ts)
-    assert _rel(a, fs.sample(denoiser, x, "unipc", timesteps=ts, fused=False)) < 1e-12
+    a = jax.jit(lambda ts: fs.sample(denoiser, x, "dpmpp_2m", timesteps=ts))(ts)
+    assert _rel(a, fs.sample(denoiser, x, "dpmpp_2m", timesteps=ts, fused=False)) < 1e-12
     g_fused, g_plain = jax.grad(loss)(ts, True), jax.grad(loss)(ts, False)
     assert _rel(g_fused, g_plain) < 1e-10
     assert float(jnp.max(jnp.abs(g_plain))) > 0
