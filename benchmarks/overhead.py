@@ -1,9 +1,10 @@
 """Driver overhead: how much slower is ``fastsample.sample`` than calling the model alone?
 
 For the digits Gaussian mixture (64-D, 10 full-covariance components) at batch 4096 and NFE 10:
-wall time of ``sample`` for each solver divided by a ``lax.scan`` that only calls the denoiser 10
-times ("bare"), and the same for ``diffrax.diffeqsolve`` with ``StepTo``; compile time of
-``sample`` at NFE 10 and 100. Writes ``benchmarks/results/overhead.json`` and ``overhead.md``.
+wall time of ``sample`` for each solver (from its per-step tables, and with ``fused=False``)
+divided by a ``lax.scan`` that only calls the denoiser 10 times ("bare"), and the same for
+``diffrax.diffeqsolve`` with ``StepTo``; compile time of ``sample`` at NFE 10 and 100 (grid traced
+or known while tracing). Writes ``benchmarks/results/overhead.json`` and ``overhead.md``.
 
     python benchmarks/overhead.py [--batch 4096] [--repeats 20]
 """
@@ -69,10 +70,12 @@ def main(argv=None):
         except ValueError:
             continue
         grid = fs.get_timesteps(process, steps, "logsnr_uniform").astype(jnp.float32)
-        run = jax.jit(lambda x, ts, solver=solver: fs.sample(denoiser, x, solver, nfe=None, timesteps=ts))
-        t = timeit(run, x_T, grid, repeats=args.repeats)
-        rows.append({"driver": "fastsample.sample (lax.scan)", "solver": name, "nfe": args.nfe,
-                     "ms": 1e3 * t, "ratio_to_bare": t / t_bare})
+        # the grid known while tracing: a linear solver's per-step tables are constants of the program
+        for driver, fused in (("fastsample.sample (lax.scan)", True), ("fastsample.sample, fused=False", False)):
+            run = jax.jit(lambda x, solver=solver, grid=grid, fused=fused: fs.sample(
+                denoiser, x, solver, nfe=None, timesteps=grid, fused=fused))
+            t = timeit(run, x_T, repeats=args.repeats)
+            rows.append({"driver": driver, "solver": name, "nfe": args.nfe, "ms": 1e3 * t, "ratio_to_bare": t / t_bare})
 
         @jax.jit
         def with_diffrax(x, ts, solver=solver):
@@ -85,10 +88,18 @@ def main(argv=None):
                      "ms": 1e3 * t, "ratio_to_bare": t / t_bare})
 
     compile_rows = []
-    for nfe in (10, 100):
-        grid = fs.get_timesteps(process, nfe, "logsnr_uniform").astype(jnp.float32)
-        run = jax.jit(lambda x, ts: fs.sample(denoiser, x, "ddim", nfe=None, timesteps=ts))
-        compile_rows.append({"solver": "ddim", "nfe": nfe, "compile_s": compile_seconds(run, x_T, grid)})
+    for name in ("ddim", "unipc"):
+        for nfe in (10, 100):
+            grid = fs.get_timesteps(process, nfe, "logsnr_uniform").astype(jnp.float32)
+            for grid_kind, fused in (("traced", True), ("traced", False), ("known", True)):
+                if grid_kind == "traced":
+                    run, args_ = jax.jit(lambda x, ts, name=name, fused=fused: fs.sample(
+                        denoiser, x, name, nfe=None, timesteps=ts, fused=fused)), (x_T, grid)
+                else:
+                    run, args_ = jax.jit(lambda x, name=name, grid=grid: fs.sample(
+                        denoiser, x, name, nfe=None, timesteps=grid)), (x_T,)
+                compile_rows.append({"solver": name, "nfe": nfe, "grid": grid_kind, "fused": fused,
+                                     "compile_s": compile_seconds(run, *args_)})
 
     OUT.mkdir(exist_ok=True)
     result = {"benchmark": "overhead", "batch": args.batch, "environment": environment(),
