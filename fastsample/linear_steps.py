@@ -13,7 +13,7 @@ whole runs). With basis ``b = (x, s_1 .. s_S, D_1 .. D_K)``, step ``i`` is
 vectors of length ``1 + S + K`` (one entry per basis element). The sampling loop's body is then
 ``K`` model calls and one elementwise combination, which XLA fuses into one kernel, instead of
 the solver's array work as separate kernels and copies. When the grid is known while a caller's
-``jit`` traces (``sample(..., nfe=...)`` inside ``jit``, or a concrete grid), :func:`concrete_tables`
+``jit`` traces (``sample(..., timesteps=ts)`` with ``ts`` computed outside), :func:`concrete_tables`
 computes the tables once and the program holds them as constants, with the terms that are zero
 in every step dropped and history shifts reduced to copies: the loop does no scalar work at all
 (log-SNRs, phi-functions, order selection, history bookkeeping). Otherwise (an eager call, a
@@ -224,7 +224,7 @@ _concrete = eqx.filter_jit(step_tables)
 
 def concrete_tables(solver, process, ts, x_shape, dtype, num_steps: int) -> StepTables | None:
     """The tables as constants of the program being traced, when a caller's ``jit`` traces the
-    sampler with a grid known at that time (``sample(..., nfe=...)`` inside ``jit``): one compiled
+    sampler with a concrete grid (``sample(..., timesteps=ts)``, ``ts`` computed outside): one compiled
     call computes them now, and the loop then does no scalar work at all. ``None`` outside a trace
     (an eager call: :func:`probing_body` works out each step's row inside the loop, one
     compilation instead of two) and when the grid, solver or process is traced."""

@@ -58,7 +58,8 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
         used = solver.nfe(steps, ends_at_zero)
         if nfe is not None and nfe != used:
             raise ValueError(f"nfe={nfe} disagrees with the {steps}-step timesteps given ({used} NFE).")
-        return solver, jnp.asarray(timesteps), steps, ends_at_zero
+        with _eager_if_concrete(timesteps):  # a concrete grid stays concrete inside a caller's jit
+            return solver, jnp.asarray(timesteps), steps, ends_at_zero
     if nfe is None:
         raise ValueError("give either `nfe` or explicit `timesteps`.")
     options = dict(schedule_options or {})
@@ -71,15 +72,14 @@ def resolve_grid(solver: AbstractFastSolver, process: AbstractProcess, nfe, sche
         raise ValueError(f"nfe must be a positive integer; got {nfe!r}.")
     solver = solver.for_budget(nfe, ends_at_zero)
     steps = solver.steps_for_nfe(nfe, ends_at_zero)
-    with _eager_if_concrete(process, options):  # a concrete grid also under a caller's jit
-        ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
+    ts = get_timesteps(process, steps, schedule, final_zero=ends_at_zero and t_end != 0, **options)
     return solver, ts, steps, ends_at_zero
 
 
 def _eager_if_concrete(*trees):
-    """``jax.ensure_compile_time_eval()`` when no leaf of ``trees`` is traced: a grid computed
-    from concrete values stays concrete inside a caller's ``jit``, so that the solver's tables
-    can be computed once, while tracing (:func:`fastsample.linear_steps.concrete_tables`)."""
+    """``jax.ensure_compile_time_eval()`` when no leaf of ``trees`` is traced: a concrete grid
+    stays concrete inside a caller's ``jit``, so that the solver's tables can be computed once,
+    while tracing (:func:`fastsample.linear_steps.concrete_tables`)."""
     if any(is_traced(leaf) for leaf in jax.tree.leaves(trees)):
         return contextlib.nullcontext()
     return jax.ensure_compile_time_eval()
@@ -236,10 +236,11 @@ def sample(
         fused: run a linear solver (every deterministic registry solver but the ones that skip
             evaluations under ``lax.cond``) from per-step coefficient tables, so that each step is
             its model calls and one fused elementwise update (:mod:`fastsample.linear_steps`).
-            Inside a caller's ``jit`` with a grid known while tracing (``nfe=...``, or a concrete
-            ``timesteps``) the tables are constants and the loop does no scalar work; otherwise
-            each step's row is worked out in the loop. ``False`` calls the solver's ``update`` in
-            every step. All give the same samples up to rounding.
+            Inside a caller's ``jit`` with a concrete grid (``timesteps=`` an array computed
+            outside it, e.g. by ``fastsample.get_timesteps``) the tables are constants and the
+            loop does no scalar work; otherwise each step's row is worked out in the loop.
+            ``False`` calls the solver's ``update`` in every step. All give the same samples up to
+            rounding.
 
     Returns:
         ``x_0``, followed by the trajectory and/or the info when asked for.

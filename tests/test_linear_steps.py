@@ -121,12 +121,11 @@ def _loop_transcendentals(fn, *args) -> int:
 def test_a_grid_known_while_tracing_leaves_no_scalar_work_in_the_loop():
     process = fs.VPDiscrete.ddpm_linear()
     denoiser, x = _setup(process)
-    _, ts, _, _ = resolve_grid(fs.get_solver("unipc"), process, 10, "karras", None, False, None)
+    ts = np.asarray(fs.get_timesteps(process, 10, "karras"), np.float64)  # concrete: known while tracing
     bare = _loop_transcendentals(lambda x: jax.lax.scan(lambda x, t: (denoiser(x, t), None), x, ts[:-1])[0], x)
     for name in ("dpmpp_2m", "unipc"):
-        known = _loop_transcendentals(lambda x, name=name: fs.sample(denoiser, x, name, nfe=10, schedule="karras"), x)
-        plain = _loop_transcendentals(
-            lambda x, name=name: fs.sample(denoiser, x, name, nfe=10, schedule="karras", fused=False), x)
+        known = _loop_transcendentals(lambda x, name=name: fs.sample(denoiser, x, name, timesteps=ts), x)
+        plain = _loop_transcendentals(lambda x, name=name: fs.sample(denoiser, x, name, timesteps=ts, fused=False), x)
         assert known == bare < plain  # only the model's own; the solver's log-SNRs and phi-functions left
 
 
