@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastsample as fs  # noqa: E402
-from fastsample.guidance import ClassConditionalMixture  # noqa: E402
+from fastsample.models import ClassConditionalMixture  # noqa: E402
 from fastsample.learned import ReferenceSet, make_reference  # noqa: E402
 from fastsample.learned.dc_solver import CascadeRegression, DCSolver, fit_dc_solver  # noqa: E402
 from fastsample.learned.fitting import base_grid  # noqa: E402

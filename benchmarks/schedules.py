@@ -89,8 +89,9 @@ def run(n_test: int, n_search: int, n_data: int, seed: int):
             steps = solver.steps_for_nfe(nfe)
             for name in SCHEDULES:
                 ts = grid(name, steps)
-                x, info = fs.sample(denoiser, x_test, solver_name, timesteps=ts, key=k_sde, return_info=True)
-                assert info.nfe == nfe
+                info = fs.solve(denoiser, x_test, solver_name, timesteps=ts, key=k_sde)
+                x = info.x
+                assert info.stats["nfe"] == nfe
                 row = {"solver": solver_name, "schedule": name, "nfe": nfe, "steps": steps}
                 if solver_name == "dpmpp_2m_sde":
                     row["sw"] = float(sliced_wasserstein(x, exact, k_sw))

@@ -9,10 +9,12 @@ from . import (
     gradients,
     guidance,
     learned,
+    loop,
     metrics,
     models,
     noise,
     parallel,
+    plan,
     processes,
     solvers,
     timesteps,
@@ -20,33 +22,44 @@ from . import (
 )
 from .denoisers import Denoiser, Thresholding, convert_prediction
 from .gradients import available_gradients
-from .inversion import BDIADDIM, bdia_invert, bdia_sample, invert
+from .grid import Grid
+from .inversion import bdia_invert, bdia_sample, invert
 from .noise import BrownianNoise, IndependentNoise
-from .parallel import PicardInfo, sample_picard
+from .parallel import sample_picard
 from .processes import EDM, VE, AbstractProcess, FlowMatching, VPCosine, VPDiscrete, VPLinear
-from .sample import SampleInfo, prior, reference_solve, sample
-from .solvers import SOLVERS, AbstractFastSolver, AbstractStochasticSolver, available_solvers, get_solver
+from .sampling import SaveAt, Solution, grid, prior, reference_solve, sample, solve
+from .solvers import (
+    BDIADDIM,
+    SOLVERS,
+    AbstractAdaptiveSolver,
+    AbstractFastSolver,
+    AbstractLinearSolver,
+    AbstractStochasticSolver,
+    available_solvers,
+    get_solver,
+)
 from .terms import ProbabilityFlowTerm
 from .timesteps import available_schedules, get_timesteps
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BDIADDIM",
-    "bdia_invert",
-    "bdia_sample",
-    "invert",
+    "AbstractAdaptiveSolver",
     "AbstractFastSolver",
-    "AbstractStochasticSolver",
-    "BrownianNoise",
-    "IndependentNoise",
+    "AbstractLinearSolver",
     "AbstractProcess",
+    "AbstractStochasticSolver",
+    "BDIADDIM",
+    "BrownianNoise",
     "Denoiser",
     "EDM",
     "FlowMatching",
+    "Grid",
+    "IndependentNoise",
     "ProbabilityFlowTerm",
     "SOLVERS",
-    "SampleInfo",
+    "SaveAt",
+    "Solution",
     "Thresholding",
     "VE",
     "VPCosine",
@@ -55,24 +68,30 @@ __all__ = [
     "available_gradients",
     "available_schedules",
     "available_solvers",
+    "bdia_invert",
+    "bdia_sample",
     "convert_prediction",
-    "get_solver",
-    "get_timesteps",
     "data",
     "distributed",
+    "get_solver",
+    "get_timesteps",
     "gradients",
+    "grid",
     "guidance",
+    "invert",
     "learned",
+    "loop",
     "metrics",
-    "parallel",
     "models",
     "noise",
+    "parallel",
+    "plan",
     "prior",
     "processes",
     "reference_solve",
-    "sample_picard",
-    "PicardInfo",
     "sample",
+    "sample_picard",
+    "solve",
     "solvers",
     "timesteps",
     "training",

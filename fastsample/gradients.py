@@ -70,7 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._compat import is_traced
-from .solvers.stochastic_base import AbstractStochasticSolver
+from .loop import Record, run
+from .solvers import AbstractReversibleSolver, AbstractSDESolver, AbstractStochasticSolver
 
 __all__ = [
     "AbstractGradient",
@@ -93,25 +94,27 @@ __all__ = [
 class AbstractGradient(eqx.Module):
     """How reverse-mode gradients flow through a sampler (a memory mode).
 
-    Scan modes (``custom = False``) run the sampler's own step ``body(carry, i)`` through
-    :meth:`scan`; custom-VJP modes replace the whole solve by :meth:`solve`, a
-    ``jax.custom_vjp`` whose backward pass stores nothing per step.
+    Scan modes (``custom = False``) iterate the sampler's own steps (:func:`fastsample.loop.run`)
+    with :meth:`scan`; custom-VJP modes replace the whole solve by :meth:`solve`, a
+    ``jax.custom_vjp`` whose forward pass is the same loop and whose backward pass stores nothing
+    per step.
     """
 
     name: ClassVar[str]
     custom: ClassVar[bool] = False
 
-    def check(self, solver, *, return_trajectory: bool = False) -> None:
+    def check(self, solver, *, saves_steps: bool = False) -> None:
         """Raise ``ValueError`` if this mode cannot differentiate ``solver``."""
 
     def scan(self, body, init, length: int):
         """``lax.scan(body, init, jnp.arange(length))`` with this mode's checkpointing."""
         raise NotImplementedError(f"gradient mode {self.name!r} replaces the scan (see `solve`).")
 
-    def solve(self, solver, denoiser, x, ts, cond, noise=None):
+    def solve(self, solver, denoiser, x, ts, cond, noise=None, plan=None, ends_at_zero: bool = False):
         """``(x_final, finite)``: the sampler's output and per-step finiteness flags. ``noise`` is
         the sampler's :class:`fastsample.noise.AbstractNoise` (stochastic solvers; step ``i`` uses
-        ``noise.at_step(i, ts[i], ts[i + 1])`` as in ``fastsample.sample``)."""
+        ``noise.at_step(i, ts[i], ts[i + 1])`` as in ``fastsample.sample``); ``plan`` the solver's
+        plan on a concrete grid (:mod:`fastsample.plan`); ``ends_at_zero`` whether ``ts`` ends at 0."""
         raise NotImplementedError(f"gradient mode {self.name!r} runs the sampler's scan (see `scan`).")
 
 
@@ -232,8 +235,8 @@ class Adjoint(AbstractGradient):
         if self.method not in ADJOINT_METHODS:
             raise ValueError(f"Adjoint method must be one of {', '.join(ADJOINT_METHODS)}; got {self.method!r}.")
 
-    def check(self, solver, *, return_trajectory: bool = False) -> None:
-        _check_trajectory(self, return_trajectory)
+    def check(self, solver, *, saves_steps: bool = False) -> None:
+        _check_trajectory(self, saves_steps)
         if not _is_stochastic(solver):
             return
         if self.method != "adjointdeis":
@@ -243,7 +246,7 @@ class Adjoint(AbstractGradient):
         if self.order == 2:
             raise ValueError(f"the SDE adjoint (stochastic solver {solver.name!r}) is first order: use "
                              "Adjoint(order=1) or Adjoint().")
-        if not callable(getattr(solver, "sde_log_rho", None)):
+        if not isinstance(solver, AbstractSDESolver):
             raise ValueError(
                 f"gradient='adjoint' supports the stochastic solvers whose step is an exponential step of a reverse "
                 f"SDE plus additive noise (ddpm, ddim with eta > 0, euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde); "
@@ -255,7 +258,7 @@ class Adjoint(AbstractGradient):
         """The order used with ``solver``: ``order``, or 1 (SDE) / 2 (PF-ODE) when it is ``None``."""
         return self.order or (1 if _is_stochastic(solver) else 2)
 
-    def solve(self, solver, denoiser, x, ts, cond, noise=None):
+    def solve(self, solver, denoiser, x, ts, cond, noise=None, plan=None, ends_at_zero: bool = False):
         sde = _is_stochastic(solver)
         if sde:
             self.check(solver)
@@ -263,7 +266,7 @@ class Adjoint(AbstractGradient):
                 raise ValueError(f"gradient='adjoint' with the stochastic solver {solver.name!r} needs the sampler's "
                                  "noise source: call Adjoint.solve(..., noise=fastsample.noise.make_noise(...)).")
         return _adjoint_solve((x, denoiser, cond, solver, ts, noise if sde else None),
-                              (self.method, self.resolved_order(solver)))
+                              (self.method, self.resolved_order(solver), ends_at_zero), plan)
 
 
 class Reversible(AbstractGradient):
@@ -276,23 +279,23 @@ class Reversible(AbstractGradient):
     name = "reversible"
     custom = True
 
-    def check(self, solver, *, return_trajectory: bool = False) -> None:
-        _check_custom(self, solver, return_trajectory)
-        if not callable(getattr(solver, "bdia_parts", None)):
+    def check(self, solver, *, saves_steps: bool = False) -> None:
+        _check_custom(self, solver, saves_steps)
+        if not isinstance(solver, AbstractReversibleSolver):
             raise ValueError(
                 f"gradient='reversible' inverts BDIA-DDIM steps: use solver=fastsample.BDIADDIM(gamma) "
-                f"(gamma > 0); got {getattr(solver, 'name', type(solver).__name__)!r}. For other solvers "
+                f"(gamma > 0); got {solver.name!r}. For other solvers "
                 "use 'remat', 'binomial' or 'adjoint'."
             )
-        if getattr(solver, "start", None) is not None:
+        if solver.start is not None:
             raise ValueError("gradient='reversible' needs BDIADDIM without `start` (the first step is DDIM).")
         gamma = solver.gamma
         if not is_traced(gamma) and not float(np.asarray(gamma)) > 0:
             raise ValueError(f"gradient='reversible' needs BDIA gamma > 0 (a step is invertible only then); "
                              f"got gamma={float(np.asarray(gamma))}.")
 
-    def solve(self, solver, denoiser, x, ts, cond, noise=None):
-        return _reversible_solve((x, denoiser, cond, solver, ts))
+    def solve(self, solver, denoiser, x, ts, cond, noise=None, plan=None, ends_at_zero: bool = False):
+        return _reversible_solve((x, denoiser, cond, solver, ts), ends_at_zero, plan)
 
 
 GRADIENTS: dict[str, type[AbstractGradient]] = {
@@ -321,14 +324,14 @@ def _is_stochastic(solver) -> bool:
     return isinstance(solver, AbstractStochasticSolver)
 
 
-def _check_trajectory(mode: AbstractGradient, return_trajectory: bool) -> None:
-    if return_trajectory:
-        raise ValueError(f"gradient={mode.name!r} does not keep the trajectory: pass return_trajectory=False "
-                         "or use 'full', 'remat' or 'binomial'.")
+def _check_trajectory(mode: AbstractGradient, saves_steps: bool) -> None:
+    if saves_steps:
+        raise ValueError(f"gradient={mode.name!r} does not keep the trajectory (SaveAt(steps=...) or "
+                         "SaveAt(denoised=...)): save nothing, or use 'full', 'remat' or 'binomial'.")
 
 
-def _check_custom(mode: AbstractGradient, solver, return_trajectory: bool) -> None:
-    _check_trajectory(mode, return_trajectory)
+def _check_custom(mode: AbstractGradient, solver, saves_steps: bool) -> None:
+    _check_trajectory(mode, saves_steps)
     if _is_stochastic(solver):
         raise ValueError(
             f"gradient={mode.name!r} supports deterministic (probability-flow ODE) solvers only; "
@@ -340,25 +343,15 @@ def _check_custom(mode: AbstractGradient, solver, return_trajectory: bool) -> No
 # ----------------------------------------------------------------------------- shared machinery
 
 
-def _forward(solver, denoiser, x, ts, cond, noise=None, keep_states=False):
-    """Run the sampler storing nothing: ``(x_N, x_{N-1}, finite)`` (``finite[i]``: the state after
-    step ``i`` is finite). Stochastic solvers get the noise of step ``i`` as in ``fastsample.sample``.
-    ``keep_states``: also return the states after every step, ``(N, *x.shape)``."""
-    n = ts.shape[0] - 1
-    state = solver.init_state(denoiser, x, cond, ts[-1], n)
-
-    def body(carry, i):
-        x, _, state = carry
-        if noise is None:
-            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
-        else:
-            x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state, noise.at_step(i, ts[i], ts[i + 1]))
-        return (x1, x, state), (jnp.all(jnp.isfinite(x1)), x1 if keep_states else None)
-
-    (x_n, x_before, _), (finite, states) = jax.lax.scan(body, (x, x, state), jnp.arange(n))
+def _forward(solver, denoiser, x, ts, cond, noise, plan, ends_at_zero: bool, keep_states=False):
+    """Run the sampler (:func:`fastsample.loop.run`) storing nothing: ``(x_N, x_{N-1}, finite)``
+    (``finite[i]``: the state after step ``i`` is finite). ``keep_states``: also return the states
+    after every step, ``(N, *x.shape)``."""
+    x_n, out = run(solver, denoiser, ts, x, cond, noise, plan=plan, ends_at_zero=ends_at_zero,
+                   record=Record(trajectory=keep_states, finite=True, previous=True))
     if keep_states:
-        return x_n, x_before, finite, states
-    return x_n, x_before, finite
+        return x_n, out["previous"], out["finite"], out["x"]
+    return x_n, out["previous"], out["finite"]
 
 
 def _refuse(perturbed, what: str, mode: str, hint: str) -> None:
@@ -374,10 +367,11 @@ def _zero_cotangent(ct, like):
     return jnp.zeros_like(like) if ct is None else ct
 
 
-def _ends(inputs):
+def _ends(inputs, ends_at_zero, plan):
     """The custom-VJP forward pass: outputs, and the last two states as residuals."""
     x, denoiser, cond, solver, ts = inputs[:5]
-    x_n, x_before, finite = _forward(solver, denoiser, x, ts, cond, *inputs[5:])
+    noise = inputs[5] if len(inputs) > 5 else None
+    x_n, x_before, finite = _forward(solver, denoiser, x, ts, cond, noise, plan, ends_at_zero)
     return (x_n, finite), (x_n, x_before)
 
 
@@ -385,14 +379,14 @@ def _ends(inputs):
 
 
 @eqx.filter_custom_vjp
-def _adjoint_solve(inputs, how):
+def _adjoint_solve(inputs, how, plan):
     x, denoiser, cond, solver, ts, noise = inputs
-    x_n, _, finite = _forward(solver, denoiser, x, ts, cond, noise)
+    x_n, _, finite = _forward(solver, denoiser, x, ts, cond, noise, plan, how[2])
     return x_n, finite
 
 
 @_adjoint_solve.def_fwd
-def _adjoint_fwd(perturbed, inputs, how):
+def _adjoint_fwd(perturbed, inputs, how, plan):
     _, p_denoiser, _, p_solver, p_ts, _ = perturbed
     hint = "use gradient='full', 'remat' or 'binomial' to differentiate it."
     _refuse(p_ts, "the time grid (given as traced `timesteps`, or derived from a differentiated process)",
@@ -402,21 +396,21 @@ def _adjoint_fwd(perturbed, inputs, how):
             "differentiate only the model (e.g. eqx.partition the Denoiser) or " + hint)
     x, denoiser, cond, solver, ts, noise = inputs
     if noise is None:
-        return _ends(inputs)
+        return _ends(inputs, how[2], plan)
     # The SDE: the states are kept (one per step, no activations). Reconstructing them backwards is
     # unstable: the reverse SDE contracts strongly, so inverting its steps amplifies every error.
-    x_n, x_before, finite, states = _forward(solver, denoiser, x, ts, cond, noise, keep_states=True)
+    x_n, x_before, finite, states = _forward(solver, denoiser, x, ts, cond, noise, plan, how[2], keep_states=True)
     return (x_n, finite), (x_n, x_before, states)
 
 
 @_adjoint_solve.def_bwd
-def _adjoint_bwd(residuals, grad_obj, perturbed, inputs, how):
+def _adjoint_bwd(residuals, grad_obj, perturbed, inputs, how, plan):
     x_n, x_before, *states = residuals
     ct = _zero_cotangent(grad_obj[0], x_n)
     x_T, denoiser, cond, solver, ts, noise = inputs
     _, p_denoiser, p_cond, _, _, _ = perturbed
     diff, static = eqx.partition((denoiser, cond), (p_denoiser, p_cond))
-    method, order = how
+    method, order, _ = how
 
     def model(x, d, t):
         den, c = eqx.combine(d, static)
@@ -537,19 +531,19 @@ def adjoint_backward(model, params, process, x_n, x_before, ct, ts, order: int =
 
 
 @eqx.filter_custom_vjp
-def _reversible_solve(inputs):
+def _reversible_solve(inputs, ends_at_zero, plan):
     x, denoiser, cond, solver, ts = inputs
-    x_n, _, finite = _forward(solver, denoiser, x, ts, cond)
+    x_n, _, finite = _forward(solver, denoiser, x, ts, cond, None, plan, ends_at_zero)
     return x_n, finite
 
 
 @_reversible_solve.def_fwd
-def _reversible_fwd(perturbed, inputs):
-    return _ends(inputs)
+def _reversible_fwd(perturbed, inputs, ends_at_zero, plan):
+    return _ends(inputs, ends_at_zero, plan)
 
 
 @_reversible_solve.def_bwd
-def _reversible_bwd(residuals, grad_obj, perturbed, inputs):
+def _reversible_bwd(residuals, grad_obj, perturbed, inputs, ends_at_zero, plan):
     x_n, x_before = residuals
     ct = _zero_cotangent(grad_obj[0], x_n)
     x_T, denoiser, cond, solver, ts = inputs

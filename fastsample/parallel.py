@@ -46,7 +46,7 @@ unchanged) and the result is the sequential solver's, after at most ``nfe`` iter
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -56,30 +56,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._compat import is_traced
 from .denoisers import Denoiser
-from .learned.program import extract_program, record_run
+from .grid import Grid
+from .loop import Record, run
 from .noise import AbstractNoise
-from .sample import DEFAULT_NFE, _noise_for, check_start, default_choice, resolve_grid
-from .solvers import get_solver
-from .solvers.base import AbstractFastSolver, AbstractWrapper
-from .solvers.stochastic_base import AbstractStochasticSolver
+from .plan import linear_program
+from .sampling import Solution, noise_source, resolve
+from .solvers import AbstractLinearSolver, AbstractStochasticSolver, AbstractWrapper
 
-__all__ = ["sample_picard", "PicardInfo"]
-
-
-class PicardInfo(NamedTuple):
-    """What a call of :func:`sample_picard` did.
-
-    ``iterations``: parallel iterations (rounds of batched model calls, the sequential depth);
-    ``nfe``: model evaluations made (``iterations * window``); ``sequential_nfe``: the evaluations
-    of the sequential solver (the most iterations ever needed); ``window``; ``converged``: whether
-    the window reached the end within ``max_iters``; ``timesteps``: the grid."""
-
-    iterations: Any
-    nfe: Any
-    sequential_nfe: int
-    window: int
-    converged: Any
-    timesteps: jax.Array
+__all__ = ["sample_picard"]
 
 
 class _ZeroNoise(AbstractNoise):
@@ -95,7 +79,7 @@ class _ZeroNoise(AbstractNoise):
         return jnp.zeros_like(x)
 
 
-class _Noiseless(AbstractWrapper):
+class _Noiseless(AbstractWrapper, AbstractLinearSolver):
     """A stochastic solver run with zero noise: a deterministic solver whose program gives the
     coefficients of ``x_T`` and of the model outputs."""
 
@@ -105,16 +89,32 @@ class _Noiseless(AbstractWrapper):
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return self.base.init_state(denoiser, x, cond, t_end, num_steps)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         zero = _ZeroNoise(jax.random.PRNGKey(0))
         return self.base.update(denoiser, t0, t1, x, cond, state, zero.at_step(0, t0, t1))
 
 
-def _noise_offsets(solver, process, ts, x_T, noise, m):
+def _program(solver, process, grid: Grid):
+    """``solver``'s linear program on ``grid``; a stochastic solver's without its noise."""
+    return linear_program(_Noiseless(solver) if isinstance(solver, AbstractStochasticSolver) else solver, process, grid)
+
+
+def _noise_offsets(solver, process, grid: Grid, x_T, noise):
     """``n`` (``(m + 1, *x_T.shape)``): the evaluation inputs and the result of the stochastic
     solver run from ``x_T = 0`` with a model that predicts ``x0 = 0``, i.e. the noise's part."""
-    zeros = jnp.zeros((m,) + x_T.shape, x_T.dtype)
-    return jnp.asarray(record_run(solver, process, ts, jnp.zeros_like(x_T), zeros, noise)[1])
+    zero = Denoiser(lambda y, t, c: jnp.zeros_like(y), process, prediction="x0")
+    times = grid.array(x_T.dtype)
+    x, out = _offsets(solver, zero, times, jnp.zeros_like(x_T), noise, grid.ends_at_zero)
+    ys = []
+    for calls in out["calls"]:  # one entry per phase: (y, t) of each call, stacked over its steps
+        stacked = jnp.stack([y for y, _ in calls], axis=1)  # (steps, calls, *x)
+        ys.append(stacked.reshape((-1,) + x_T.shape))
+    return jnp.concatenate(ys + [x[None]])
+
+
+@eqx.filter_jit
+def _offsets(solver, zero, times, x, noise, ends_at_zero):
+    return run(solver, zero, times, x, None, noise, fused=False, ends_at_zero=ends_at_zero, record=Record(calls=True))
 
 
 def sample_picard(
@@ -124,6 +124,7 @@ def sample_picard(
     nfe: int | None = None,
     schedule: str = "auto",
     *,
+    grid: Grid | None = None,
     timesteps=None,
     final_zero: bool = False,
     cond: Any = None,
@@ -135,8 +136,7 @@ def sample_picard(
     tol: float = 1e-3,
     max_iters: int | None = None,
     mesh: Mesh | None = None,
-    return_info: bool = True,
-):
+) -> Solution:
     """Sample with a fixed-grid solver by sliding-window Picard iteration (ParaDiGMS, 2023), with
     the update rule of any deterministic or stochastic registry solver (DreamPropeller, 2024).
 
@@ -146,39 +146,29 @@ def sample_picard(
         tol: tolerance on the per-dimension rms change of a model input relative to its noise
             level ``sigma(tau_j)`` (ParaDiGMS's criterion); ``0`` reproduces the sequential solver.
         max_iters: cap on the parallel iterations (default: the sequential NFE, which always
-            suffices); ``info.converged`` says whether the window reached the end.
-        mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` (``fastsample.training.data_mesh``):
+            suffices); ``stats["converged"]`` says whether the window reached the end.
+        mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` (``fastsample.distributed.data_mesh``):
             the window's evaluations are sharded over its devices (``window`` must be a multiple of
             their number).
-        return_info: also return a :class:`PicardInfo`.
 
     Returns:
-        ``x_0``, and the :class:`PicardInfo` when asked for.
+        A :class:`~fastsample.Solution` whose ``stats`` hold ``iterations`` (rounds of batched model
+        calls, the sequential depth), ``nfe`` (evaluations made, ``iterations * window``),
+        ``sequential_nfe`` (the sequential solver's), ``window`` and ``converged``.
     """
     if not isinstance(denoiser, Denoiser):
         raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
     process = denoiser.process
-    if solver == "auto":
-        solver = default_choice(process, (schedule_options or {}).get("t_start"))[0]
-    solver = get_solver(solver, **(solver_options or {}))
-    if not isinstance(solver, AbstractFastSolver):
-        raise ValueError(f"{solver.name} chooses its own steps; sample_picard needs a fixed-grid solver.")
+    if timesteps is not None and is_traced(timesteps):
+        raise ValueError("sample_picard needs concrete `timesteps` (it reads the solver's coefficients off them).")
+    solver, grid = resolve(solver, process, nfe, schedule, grid=grid, timesteps=timesteps, final_zero=final_zero,
+                           schedule_options=schedule_options, solver_options=solver_options)
+    if not grid.concrete:
+        raise ValueError("sample_picard needs a concrete grid (it reads the solver's coefficients off it).")
     x_T = jnp.asarray(x_T)
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a batch axis (ndim >= 1); got shape {x_T.shape}.")
-    fitted_grid = solver.fitted_grid(process, nfe)
-    if fitted_grid is None:
-        if timesteps is not None and is_traced(timesteps):
-            raise ValueError("sample_picard needs concrete `timesteps` (it reads the solver's coefficients off them).")
-        if nfe is None and timesteps is None:
-            nfe = DEFAULT_NFE
-        solver, ts, steps, ends_at_zero = resolve_grid(solver, process, nfe, schedule, timesteps, final_zero,
-                                                       schedule_options)
-    elif timesteps is not None:
-        raise ValueError(f"{solver.name} was fitted with its own time grid; do not pass `timesteps`.")
-    else:
-        ts, steps, ends_at_zero = jnp.asarray(fitted_grid), fitted_grid.shape[0] - 1, False
-    m = solver.nfe(steps, ends_at_zero)
+    m = grid.nfe(solver)
     window = _check_window(window, m, mesh)
     if max_iters is None:
         max_iters = m
@@ -186,29 +176,25 @@ def sample_picard(
         raise ValueError(f"max_iters must be a positive integer; got {max_iters!r}.")
     if not is_traced(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
         raise ValueError(f"tol must be a non-negative number; got {tol!r}.")
-    check_start(solver, process, ts)
-    ts = ts.astype(x_T.dtype)
-    ts_np = np.asarray(ts, np.float64)
-    source = _noise_for(solver, process, key, noise, ts)
-    stochastic = isinstance(solver, AbstractStochasticSolver)
+    source = noise_source(solver, process, key, noise)
     try:
-        program = extract_program(_Noiseless(solver) if stochastic else solver, process, ts_np)
+        times, a, B, _ = _program(solver, process, grid)
     except ValueError as e:
         raise ValueError(f"sample_picard cannot run {solver.name}: {e}") from None
     dt = x_T.dtype
-    times = jnp.asarray(program.times, dt)
-    offsets = _noise_offsets(solver, process, ts_np, x_T, source, m) if stochastic else None
+    times = jnp.asarray(times, dt)
+    offsets = _noise_offsets(solver, process, grid, x_T, source) if source is not None else None
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
     x, iterations, start = _picard(
-        denoiser, x_T, cond, times, process.sigma(times), jnp.asarray(program.a, dt), jnp.asarray(program.B, dt),
+        denoiser, x_T, cond, times, process.sigma(times), jnp.asarray(a, dt), jnp.asarray(B, dt),
         offsets, jnp.asarray(tol, dt), jnp.asarray(max_iters), window, sharding,
     )
-    if not return_info:
-        return x
     converged = start >= m
     if not is_traced(iterations):
         iterations, converged = int(iterations), bool(converged)
-    return x, PicardInfo(iterations, iterations * window, m, window, converged, ts)
+    stats = {"iterations": iterations, "nfe": iterations * window, "sequential_nfe": m, "window": window,
+             "converged": converged, "steps": grid.steps}
+    return Solution(x, stats=stats, grid=grid)
 
 
 def _check_window(window, m: int, mesh) -> int:

@@ -13,9 +13,10 @@ Conventions
   with ``num_steps - 1`` intervals between ``t_start`` and ``t_end`` (``num_steps`` points) and an
   exact ``0.0`` (clean data) is appended, so the last step lands on the data prediction. With
   ``num_steps == 1`` the grid is ``[t_start, 0]``. ``t_end`` must then be ``> 0``.
-* Grids are computed once, outside ``jit``, in float64 (process methods are evaluated under
-  ``jax.enable_x64``), and returned as a ``jnp`` array of the default float dtype (float32 unless
-  x64 is enabled). The ends are set to ``t_start``/``t_end`` exactly rather than round-tripped.
+* Grids are computed on the host, in float64 (process methods are evaluated under
+  ``jax.enable_x64``, also while a caller's ``jit`` traces): :func:`schedule_times` returns NumPy
+  float64, :func:`get_timesteps` a ``jnp`` array of the default float dtype (float32 unless x64 is
+  enabled). The ends are set to ``t_start``/``t_end`` exactly rather than round-tripped.
 * Exceptions: ``ays`` defaults its ends to the published table's ends (clipped to the process
   range) and the diffusers spacings ``leading``/``trailing``/``linspace`` (``VPDiscrete`` only)
   are fixed by the training-step indices; see their docstrings.
@@ -44,6 +45,8 @@ from .processes import AbstractProcess, VPDiscrete
 
 __all__ = [
     "get_timesteps",
+    "schedule_times",
+    "on_host",
     "validate_timesteps",
     "available_schedules",
     "SCHEDULES",
@@ -97,8 +100,9 @@ def _pad(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.full(size - x.shape[0], x[-1])]) if size > x.shape[0] else x
 
 
-def _call(fn, x) -> np.ndarray:
-    """``fn(x)`` for a process method, computed in float64, returned as numpy float64."""
+def on_host(fn, x) -> np.ndarray:
+    """``fn(x)`` for a process method, computed eagerly in float64 (also while a caller's ``jit``
+    traces), returned as NumPy float64."""
     x = _f64(x)
     flat = x.reshape(-1)
     with _Float64():
@@ -157,7 +161,7 @@ def _finish(ts, t_start: float, t_end: float, final_zero: bool) -> np.ndarray:
 
 
 def _log_snr_ends(process, t_start, t_end, schedule):
-    lams = _call(process.log_snr, [t_start, t_end])
+    lams = on_host(process.log_snr, [t_start, t_end])
     for name, t, lam in (("t_start", t_start, lams[0]), ("t_end", t_end, lams[1])):
         if not math.isfinite(lam):
             raise ValueError(
@@ -219,7 +223,7 @@ def logsnr_uniform(process, n, t_start, t_end):
     ``exponential`` schedule. Both ends need a finite lambda (not ``t = 0`` or flow matching's ``t = 1``).
     """
     lam0, lam1 = _log_snr_ends(process, t_start, t_end, "logsnr_uniform")
-    return _call(process.t_from_log_snr, np.linspace(lam0, lam1, n + 1))
+    return on_host(process.t_from_log_snr, np.linspace(lam0, lam1, n + 1))
 
 
 exponential = logsnr_uniform
@@ -228,7 +232,7 @@ exponential = logsnr_uniform
 
 
 def _sigma_edm_ends(process, t_start, t_end, schedule, *, allow_zero_end: bool):
-    s = _call(process.sigma_edm, [t_start, t_end])
+    s = on_host(process.sigma_edm, [t_start, t_end])
     if not math.isfinite(s[0]):
         raise ValueError(
             f"{schedule} needs a finite sigma_edm at t_start, but {type(process).__name__} has "
@@ -253,7 +257,7 @@ def karras(process, n, t_start, t_end, *, rho: float = 7.0):
     ramp = np.arange(n + 1) / n
     a, b = s_max ** (1.0 / rho), s_min ** (1.0 / rho)
     sigmas = (a + ramp * (b - a)) ** rho
-    return _call(process.t_from_sigma_edm, sigmas)
+    return on_host(process.t_from_sigma_edm, sigmas)
 
 
 @continuous_schedule
@@ -265,7 +269,7 @@ def polyexponential(process, n, t_start, t_end, *, rho: float = 1.0):
     s_max, s_min = _sigma_edm_ends(process, t_start, t_end, "polyexponential", allow_zero_end=False)
     ramp = (1.0 - np.arange(n + 1) / n) ** rho
     log_s = math.log(s_min) + ramp * (math.log(s_max) - math.log(s_min))
-    return _call(process.t_from_sigma_edm, np.exp(log_s))
+    return on_host(process.t_from_sigma_edm, np.exp(log_s))
 
 
 # ---------------------------------------------------------------------------- Align Your Steps
@@ -334,7 +338,7 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
                 f"EDM noise levels (an optional final 0 is dropped); got {np.asarray(sigmas).tolist()}."
             )
     log_table_hi, log_table_lo = math.log(table[0]), math.log(table[-1])
-    s_range = _call(process.sigma_edm, [process.t_max, process.t_min])
+    s_range = on_host(process.sigma_edm, [process.t_max, process.t_min])
     with np.errstate(divide="ignore"):
         log_range_hi, log_range_lo = np.log(s_range)
 
@@ -350,10 +354,10 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
             raise ValueError(f"ays: the table's top sigma {table[0]} is below the process range.")
         else:
             hi = log_table_hi
-            t0 = float(_call(process.t_from_sigma_edm, table[0]))
+            t0 = float(on_host(process.t_from_sigma_edm, table[0]))
     else:
         t0 = _check_time(process, "t_start", t_start)
-        hi = float(np.log(_call(process.sigma_edm, t0)))
+        hi = float(np.log(on_host(process.sigma_edm, t0)))
     if t_end is None:
         if log_table_lo < log_range_lo + snap:
             t1, lo = float(process.t_min), float(log_range_lo)
@@ -361,10 +365,10 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
             raise ValueError(f"ays: the table's bottom sigma {table[-1]} is above the process range.")
         else:
             lo = log_table_lo
-            t1 = float(_call(process.t_from_sigma_edm, table[-1]))
+            t1 = float(on_host(process.t_from_sigma_edm, table[-1]))
     else:
         t1 = _check_time(process, "t_end", t_end)
-        lo = float(np.log(_call(process.sigma_edm, t1)))
+        lo = float(np.log(on_host(process.sigma_edm, t1)))
     if not t0 > t1:
         raise ValueError(f"t_start must be > t_end; got t_start={t0!r}, t_end={t1!r}.")
     if final_zero and t1 <= 0:
@@ -381,7 +385,7 @@ def ays(process, num_steps, *, t_start=None, t_end=None, final_zero=False, model
     if (hi, lo) != (log_table_hi, log_table_lo):
         scale = (hi - lo) / (log_table_hi - log_table_lo)
         s = np.exp(lo + (np.log(s) - log_table_lo) * scale)
-    ts = _call(process.t_from_sigma_edm, s)
+    ts = on_host(process.t_from_sigma_edm, s)
     if k == 1:  # num_steps == 1 with final_zero: [t_start, 0]
         return np.array([t0, 0.0])
     return _finish(ts, t0, t1, final_zero)
@@ -515,7 +519,7 @@ def _index_schedule(name: str, index_fn: Callable):
                 f"would be empty; pass final_zero=True (diffusers' set_alpha_to_one=True)"
                 + (" or steps_offset=1." if name == "leading" else ".")
             )
-        ts = _call(process.t_from_index, idx)
+        ts = on_host(process.t_from_index, idx)
         end = 0.0 if final_zero else float(process.t_min)
         return np.append(ts, end)
 
@@ -585,7 +589,7 @@ def _schedule_options(fn) -> list[str] | None:
     return [p.name for p in params if p.name not in _STANDARD]
 
 
-def get_timesteps(
+def schedule_times(
     process: AbstractProcess,
     num_steps: int,
     schedule: str = "logsnr_uniform",
@@ -594,8 +598,9 @@ def get_timesteps(
     t_end: float | None = None,
     final_zero: bool = False,
     **options,
-) -> jnp.ndarray:
-    """The time grid of a fixed-step sampler: ``num_steps + 1`` strictly decreasing times.
+) -> np.ndarray:
+    """The time grid of a fixed-step sampler: ``num_steps + 1`` strictly decreasing times, computed
+    on the host (also while a caller's ``jit`` traces) in float64.
 
     Args:
         process: the noise process (its time variable, range and ``lambda(t)``).
@@ -612,7 +617,7 @@ def get_timesteps(
             (beta), ``steps_offset`` (leading).
 
     Returns:
-        ``jnp`` array of shape ``(num_steps + 1,)`` in the default float dtype, computed in float64.
+        NumPy float64 array of shape ``(num_steps + 1,)``.
 
     Raises:
         ValueError: unknown schedule or option, bad ``num_steps``/option values, ends outside
@@ -638,7 +643,24 @@ def get_timesteps(
     ts = _f64(ts)
     if ts.shape != (num_steps + 1,):
         raise ValueError(f"schedule {schedule!r} returned shape {ts.shape}; expected ({num_steps + 1},).")
-    out = ts.astype(jnp.result_type(float))  # check the values actually returned (float32 may merge points)
+    process.check_times(ts, allow_zero=True, name=f"{schedule!r} grid")
+    return ts
+
+
+def get_timesteps(
+    process: AbstractProcess,
+    num_steps: int,
+    schedule: str = "logsnr_uniform",
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    final_zero: bool = False,
+    **options,
+) -> jnp.ndarray:
+    """:func:`schedule_times` as a ``jnp`` array of the default float dtype (float32 unless x64 is
+    enabled), checked in that dtype (float32 may merge points)."""
+    ts = schedule_times(process, num_steps, schedule, t_start=t_start, t_end=t_end, final_zero=final_zero, **options)
+    out = ts.astype(jnp.result_type(float))
     process.check_times(out, allow_zero=True, name=f"{schedule!r} grid")
     return jnp.asarray(out)
 

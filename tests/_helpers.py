@@ -24,9 +24,10 @@ def assert_nfe_matches_calls(denoiser, solver, calls, step_counts, final_zero):
     from :func:`counting`), and the result is finite."""
     for steps in step_counts:
         calls.clear()
-        x, info = fs.sample(denoiser, jnp.ones((2, 2)), solver, nfe=solver.nfe(steps, final_zero),
-                            final_zero=final_zero, return_info=True)
+        info = fs.solve(denoiser, jnp.ones((2, 2)), solver, nfe=solver.nfe(steps, final_zero),
+                            final_zero=final_zero)
+        x = info.x
         x.block_until_ready()
         jax.effects_barrier()
-        assert info.nfe == len(calls) and info.steps == steps
+        assert info.stats["nfe"] == len(calls) and info.stats["steps"] == steps
         assert np.all(np.isfinite(np.asarray(x)))

@@ -9,7 +9,7 @@ import pytest
 from _helpers import assert_nfe_matches_calls, counting
 
 import fastsample as fs
-from fastsample.guidance import ClassConditionalMixture
+from fastsample.models import ClassConditionalMixture
 from fastsample.learned import ReferenceSet, load_solver, make_reference, save_solver
 from fastsample.learned.dc_solver import CascadeRegression, DCSolver, compensate, fit_dc_solver, lagrange_weights
 from fastsample.models import GaussianMixture

@@ -78,10 +78,11 @@ def fastsample_run(case: dict, run: dict, process):
         # diffusers' singlestep blocks of orders 1..k over the grid = fastsample steps of order k
         ts = fs.get_timesteps(process, n, spec["schedule"], final_zero=True)[np.asarray(run["singlestep_grid"])]
         options["orders"] = tuple(run["singlestep_orders"])
-        return fs.sample(den, x_T, spec["solver"], nfe=None, timesteps=ts, solver_options=options,
-                         return_info=True)
-    return fs.sample(den, x_T, spec["solver"], nfe=n, schedule=spec["schedule"], final_zero=spec["final_zero"],
-                     schedule_options=spec["schedule_options"], solver_options=options, return_info=True)
+        sol = fs.solve(den, x_T, spec["solver"], timesteps=ts, solver_options=options)
+    else:
+        sol = fs.solve(den, x_T, spec["solver"], nfe=n, schedule=spec["schedule"], final_zero=spec["final_zero"],
+                       schedule_options=spec["schedule_options"], solver_options=options)
+    return sol.x, sol
 
 
 def rel_diff(a, b) -> float:
@@ -108,8 +109,8 @@ def check_grid(case, run, process, info):
     ref = np.asarray(run["sigmas"])
     if case["fastsample"].get("singlestep"):
         ref = ref[np.asarray(run["singlestep_grid"])]
-    np.testing.assert_allclose(np.asarray(process.sigma_edm(info.timesteps)), ref, rtol=1e-12, atol=0, err_msg=where)
-    assert info.nfe == len(run["timesteps"]), where
+    np.testing.assert_allclose(np.asarray(process.sigma_edm(info.grid.times)), ref, rtol=1e-12, atol=0, err_msg=where)
+    assert info.stats["nfe"] == len(run["timesteps"]), where
 
 
 @pytest.mark.parametrize("case, run", _params())

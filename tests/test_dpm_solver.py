@@ -199,10 +199,11 @@ def test_adaptive_step_size_meets_tighter_tolerances(x64, ring_problem, order):
     p, d, x_T, ref = ring_problem
     errors, nfes = [], []
     for rtol in (0.05, 0.005, 0.0005):
-        x, info = fs.sample(d, x_T, "dpm_solver_adaptive", nfe=None, return_info=True,
+        info = fs.solve(d, x_T, "dpm_solver_adaptive", nfe=None,
                             solver_options=dict(order=order, rtol=rtol, atol=1e-5))
+        x = info.x
         errors.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
-        nfes.append(info.nfe)
+        nfes.append(info.stats["nfe"])
     assert errors[0] > errors[1] > errors[2] and nfes[0] < nfes[1] < nfes[2], (errors, nfes)
     assert errors[2] < 1e-3
 
@@ -215,10 +216,11 @@ def test_adaptive_reports_the_model_calls_it_made_and_its_budget():
         return 0.5 * x
 
     d = fs.Denoiser(model, fs.VPLinear(), "x0")
-    x, info = fs.sample(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=None, final_zero=True, return_info=True)
+    info = fs.solve(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=None, final_zero=True)
+    x = info.x
     x.block_until_ready()
     jax.effects_barrier()
-    assert info.nfe == len(calls) > 0 and np.all(np.isfinite(np.asarray(x)))
+    assert info.stats["nfe"] == len(calls) > 0 and np.all(np.isfinite(np.asarray(x)))
     with pytest.raises(ValueError, match=r"did not reach t_end=0.001 within nfe=6 model evaluations"):
         fs.sample(d, jnp.ones((2, 2)), "dpm_solver_adaptive", nfe=6)
 
@@ -245,10 +247,11 @@ def test_dpm_solver_fast_spends_any_budget_exactly(x64, ring_problem):
     assert fast_orders(3, 9) == (3, 3, 2, 1) and fast_orders(3, 10) == (3, 3, 3, 1)
     assert fast_orders(3, 11) == (3, 3, 3, 2) and fast_orders(2, 7) == (2, 2, 2, 1)
     p, d, x_T, _ = ring_problem
-    x, info = fs.sample(d, x_T, "dpm_solver_fast", nfe=11, schedule="logsnr_uniform", return_info=True)
-    assert (info.nfe, info.steps) == (11, 4)
+    info = fs.solve(d, x_T, "dpm_solver_fast", nfe=11, schedule="logsnr_uniform")
+    x = info.x
+    assert (info.stats["nfe"], info.stats["steps"]) == (11, 4)
     # the same as chaining singlestep steps of orders 3, 3, 3, 2 on the same grid
-    ts, y = info.timesteps, x_T
+    ts, y = info.grid.times, x_T
     for i, k in enumerate((3, 3, 3, 2)):
         y, _ = DPMSolverSinglestep(order=k, prediction="eps").update(d, ts[i], ts[i + 1], y, None, None)
     np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
@@ -262,10 +265,10 @@ def test_dpm_solver_fast_model_calls(final_zero):
     d = fs.Denoiser(model, fs.VPLinear(), "x0")
     for nfe in (1, 4, 8, 10):
         calls.clear()
-        x, info = fs.sample(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=nfe, final_zero=final_zero,
-                            return_info=True)
+        info = fs.solve(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=nfe, final_zero=final_zero)
+        x = info.x
         x.block_until_ready()
         jax.effects_barrier()
-        assert info.nfe == nfe == len(calls) and np.all(np.isfinite(np.asarray(x)))
+        assert info.stats["nfe"] == nfe == len(calls) and np.all(np.isfinite(np.asarray(x)))
     with pytest.raises(ValueError, match="dpm_solver_fast is configured for 0 steps"):
         fs.sample(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=None, timesteps=jnp.array([1.0, 0.5, 0.1]))

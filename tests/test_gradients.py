@@ -259,7 +259,7 @@ def test_bad_gradient_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="gamma > 0"):
         fs.sample(den, x, fs.BDIADDIM(0.0), nfe=4, gradient="reversible")
     with pytest.raises(ValueError, match="trajectory"):
-        fs.sample(den, x, "ddim", nfe=4, gradient="adjoint", return_trajectory=True)
+        fs.solve(den, x, "ddim", nfe=4, gradient="adjoint", saveat=fs.SaveAt(steps=True))
     with pytest.raises(ValueError, match="branching must be an integer >= 2"):
         G.Binomial(branching=1)
     with pytest.raises(ValueError, match="order must be 1 or 2"):

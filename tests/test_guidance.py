@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import fastsample as fs
-from fastsample.guidance import ClassConditionalMixture, classifier_free_guidance, fix_condition
+from fastsample.guidance import classifier_free_guidance, fix_condition
+from fastsample.models import ClassConditionalMixture
 from fastsample.models import GaussianMixture
 
 MEANS = np.array([[1.5, -0.5], [-1.0, 2.0]])

@@ -174,8 +174,9 @@ def test_dode_coefficients_are_least_squares_optima(x64):
     solver, lambdas = fit_dode(denoiser, "ddim", ts, x_T, teacher_factor=5)
     base = extract_program("ddim", process, ts)
     assert lambdas[0] == 0 and np.all(lambdas[1:] != 0)
-    _, teacher = fs.sample(denoiser, x_T, "ddim", nfe=None, timesteps=fs.learned.refine_grid(process, ts, 5),
-                           return_trajectory=True)
+    sol = fs.solve(denoiser, x_T, "ddim", nfe=None, timesteps=fs.learned.refine_grid(process, ts, 5),
+                           saveat=fs.SaveAt(steps=True))
+    teacher = sol.trajectory
     target = teacher[-1]
 
     def final_error(lams):

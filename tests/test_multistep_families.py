@@ -211,12 +211,12 @@ def test_reported_nfe_equals_model_calls(name, final_zero):
     for steps in ((1, 2, 3, 5) if name == "pndm" else (1, 4)):
         nfe = solver.nfe(steps, final_zero)
         calls.clear()
-        x, info = fs.sample(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras", final_zero=final_zero,
-                            return_info=True)
+        info = fs.solve(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras", final_zero=final_zero)
+        x = info.x
         x.block_until_ready()
         jax.effects_barrier()
-        assert info.nfe == nfe == len(calls), (steps, info.nfe, len(calls))
-        assert info.steps == steps
+        assert info.stats["nfe"] == nfe == len(calls), (steps, info.stats["nfe"], len(calls))
+        assert info.stats["steps"] == steps
 
 
 def test_pndm_nfe_accounting():
@@ -273,8 +273,9 @@ def test_scan_driver_matches_diffeqsolve(x64, name):
     d = RING.denoiser(p)
     x_T = fs.prior(p, jax.random.PRNGKey(6), (8, 2))
     solver = SOLVERS[name]
-    x, info = fs.sample(d, x_T, solver, nfe=solver.nfe(7), return_info=True)
-    ts = info.timesteps
+    info = fs.solve(d, x_T, solver, nfe=solver.nfe(7))
+    x = info.x
+    ts = info.grid.times
     sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), solver, ts[0], ts[-1], None, x_T,
                               stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
     np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-10, atol=1e-10)

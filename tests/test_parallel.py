@@ -20,6 +20,12 @@ from fastsample.parallel import sample_picard
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _picard(*args, **kwargs):
+    """``(samples, stats)`` of :func:`sample_picard`."""
+    sol = sample_picard(*args, **kwargs)
+    return sol.x, sol.stats
+
+
 @pytest.fixture(scope="module")
 def digits():
     previous = jax.config.jax_enable_x64
@@ -53,9 +59,9 @@ def test_tolerance_zero_is_the_sequential_solver(ring, solver):
     _, denoiser, x_T = ring
     key = jax.random.PRNGKey(3)
     want = fs.sample(denoiser, x_T, solver, nfe=12, key=key)
-    got, info = sample_picard(denoiser, x_T, solver, nfe=12, tol=0.0, max_iters=12, key=key)
+    got, info = _picard(denoiser, x_T, solver, nfe=12, tol=0.0, max_iters=12, key=key)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
-    assert info.iterations == 12 and info.converged and info.nfe == 12 * 12 and info.sequential_nfe == 12
+    assert info["iterations"] == 12 and info["converged"] and info["nfe"] == 12 * 12 and info["sequential_nfe"] == 12
 
 
 def test_small_window_matches_and_counts_model_calls(ring):
@@ -69,15 +75,15 @@ def test_small_window_matches_and_counts_model_calls(ring):
         return denoiser.model(x, t, cond)
 
     want = fs.sample(denoiser, x_T, "dpmpp_2m", nfe=12)
-    got, info = sample_picard(fs.Denoiser(counted, process, prediction="x0"), x_T, "dpmpp_2m", nfe=12, window=5,
+    got, info = _picard(fs.Denoiser(counted, process, prediction="x0"), x_T, "dpmpp_2m", nfe=12, window=5,
                               tol=0.0)
     jax.effects_barrier()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
-    assert info.window == 5 and 3 <= info.iterations <= 12 and info.converged  # >= 12 / 5 windows
-    assert calls == [1] * info.nfe and info.nfe == 5 * info.iterations
+    assert info["window"] == 5 and 3 <= info["iterations"] <= 12 and info["converged"]  # >= 12 / 5 windows
+    assert calls == [1] * info["nfe"] and info["nfe"] == 5 * info["iterations"]
     # Stopped before the window reaches the end: not converged, not the sequential sample.
-    got, info = sample_picard(denoiser, x_T, "dpmpp_2m", nfe=12, window=5, tol=0.0, max_iters=3)
-    assert info.iterations == 3 and not info.converged
+    got, info = _picard(denoiser, x_T, "dpmpp_2m", nfe=12, window=5, tol=0.0, max_iters=3)
+    assert info["iterations"] == 3 and not info["converged"]
     assert float(jnp.max(jnp.abs(got - want))) > 1e-6
 
 
@@ -108,13 +114,14 @@ def test_tolerance_takes_fewer_iterations_and_respects_the_bound(setup):
     """NFE-50 DDIM on the digits mixture: far fewer parallel iterations than steps, and the distance
     to the sequential sample stays below the tolerance-implied first-order bound."""
     _, denoiser, x_T = setup
-    want, trajectory, info = fs.sample(denoiser, x_T, "ddim", nfe=50, return_trajectory=True, return_info=True)
-    unit = _ddim_bound(denoiser, trajectory, info.timesteps, 1.0)  # the bound is linear in tol
+    info = fs.solve(denoiser, x_T, "ddim", nfe=50, saveat=fs.SaveAt(steps=True))
+    want, trajectory = info.x, info.trajectory
+    unit = _ddim_bound(denoiser, trajectory, info.grid.times, 1.0)  # the bound is linear in tol
     for tol, most in ((1e-3, 20), (1e-2, 15)):
         bound = tol * unit
-        got, picard = sample_picard(denoiser, x_T, "ddim", nfe=50, tol=tol)
+        got, picard = _picard(denoiser, x_T, "ddim", nfe=50, tol=tol)
         err = np.sqrt(np.mean((np.asarray(got) - np.asarray(want)) ** 2, axis=-1))
-        assert picard.converged and picard.iterations <= most, picard
+        assert picard["converged"] and picard["iterations"] <= most, picard
         assert np.all(err <= bound), (tol, err, bound)
         assert np.all(err > 1e-4 * bound)  # the tolerance was used: not the sequential result
 
@@ -160,9 +167,9 @@ _SHARDED = textwrap.dedent(
     key = jax.random.PRNGKey(1)
     mesh = data_mesh()
     out = {"devices": len(jax.devices())}
-    one, i1 = sample_picard(denoiser, x_T, "euler_ancestral", nfe=24, window=16, tol=1e-4, key=key)
-    many, i8 = sample_picard(denoiser, x_T, "euler_ancestral", nfe=24, window=16, tol=1e-4, key=key, mesh=mesh)
-    out.update(diff=float(jnp.max(jnp.abs(one - many))), iters=[i1.iterations, i8.iterations])
+    one = sample_picard(denoiser, x_T, "euler_ancestral", nfe=24, window=16, tol=1e-4, key=key)
+    many = sample_picard(denoiser, x_T, "euler_ancestral", nfe=24, window=16, tol=1e-4, key=key, mesh=mesh)
+    out.update(diff=float(jnp.max(jnp.abs(one.x - many.x))), iters=[one.stats["iterations"], many.stats["iterations"]])
     try:
         sample_picard(denoiser, x_T, "ddim", nfe=24, window=12, mesh=mesh)
     except ValueError as e:

@@ -40,8 +40,9 @@ def test_ddim_is_exact_for_single_point_data(x64, name, final_zero):
     x_T = fs.prior(p, jax.random.PRNGKey(0), (5, 2))
     schedule = "time_uniform" if name == "flow" else "logsnr_uniform"
     for nfe in (1, 2, 3, 7):
-        x, info = fs.sample(d, x_T, "ddim", nfe=nfe, schedule=schedule, final_zero=final_zero, return_info=True)
-        assert info.nfe == nfe
+        info = fs.solve(d, x_T, "ddim", nfe=nfe, schedule=schedule, final_zero=final_zero)
+        x = info.x
+        assert info.stats["nfe"] == nfe
         expected = POINT if final_zero else exact_point_flow(p, x_T, p.t_max, p.t_min)
         np.testing.assert_allclose(x, np.broadcast_to(expected, x.shape), rtol=1e-12, atol=1e-12)
 
@@ -110,8 +111,9 @@ def test_scan_driver_matches_diffeqsolve(x64, solver):
     p = fs.VPLinear()
     d = GaussianMixture.ring().denoiser(p)
     x_T = fs.prior(p, jax.random.PRNGKey(4), (8, 2))
-    x, info = fs.sample(d, x_T, solver, nfe=12, return_info=True)
-    ts = info.timesteps
+    info = fs.solve(d, x_T, solver, nfe=12)
+    x = info.x
+    ts = info.grid.times
     sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), fs.get_solver(solver), ts[0], ts[-1], None, x_T,
                               stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
     np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-6, atol=1e-6)
@@ -129,9 +131,10 @@ def test_euler_in_edm_variables_equals_ddim(x64):
     p = fs.VPLinear()
     d = GaussianMixture.ring().denoiser(p)
     x_T = fs.prior(p, jax.random.PRNGKey(5), (8, 2))
-    x_ddim, info = fs.sample(d, x_T, "ddim", nfe=6, return_info=True)
+    info = fs.solve(d, x_T, "ddim", nfe=6)
+    x_ddim = info.x
     edm = fs.EDM(sigma_min=float(p.sigma_edm(p.t_min)), sigma_max=float(p.sigma_edm(p.t_max)))
-    ts_edm = p.sigma_edm(info.timesteps)
+    ts_edm = p.sigma_edm(info.grid.times)
     y = fs.sample(d.with_process(edm), x_T / p.alpha(p.t_max), "euler", nfe=None, timesteps=ts_edm)
     np.testing.assert_allclose(y * p.alpha(p.t_min), x_ddim, rtol=1e-9, atol=1e-9)
 
@@ -146,12 +149,12 @@ def test_reported_nfe_equals_model_calls(solver, final_zero):
     for steps in (1, 3, 4):
         nfe = s.nfe(steps, final_zero)
         calls.clear()
-        x, info = fs.sample(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras", final_zero=final_zero,
-                            return_info=True)
+        info = fs.solve(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras", final_zero=final_zero)
+        x = info.x
         x.block_until_ready()
         jax.effects_barrier()
-        assert info.nfe == nfe == len(calls), (steps, info, len(calls))
-        assert info.steps == steps
+        assert info.stats["nfe"] == nfe == len(calls), (steps, info, len(calls))
+        assert info.stats["steps"] == steps
 
 
 def test_new_grid_values_and_guidance_scale_do_not_retrace():
@@ -174,7 +177,8 @@ def test_trajectory_shape_and_endpoints():
     p = fs.VPLinear()
     d = fs.Denoiser(point_model, p, "x0")
     x_T = jnp.ones((3, 2))
-    x, traj = fs.sample(d, x_T, "ddim", nfe=5, return_trajectory=True)
+    sol = fs.solve(d, x_T, "ddim", nfe=5, saveat=fs.SaveAt(steps=True))
+    x, traj = sol.x, sol.trajectory
     assert traj.shape == (6, 3, 2)
     np.testing.assert_array_equal(traj[0], x_T)
     np.testing.assert_array_equal(traj[-1], x)
@@ -214,7 +218,7 @@ def test_check_finite_names_the_first_bad_step():
 
 
 def test_auto_defaults_are_the_benchmarked_choice_and_work_from_pure_noise(x64):
-    from fastsample.sample import default_choice
+    from fastsample.grid import default_choice
 
     assert default_choice(fs.VPDiscrete.ddpm_linear()) == ("ipndm", "ays")
     assert default_choice(fs.FlowMatching()) == ("unipc_3", "beta")  # t = 1: alpha = 0

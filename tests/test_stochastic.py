@@ -73,8 +73,8 @@ REDUCTIONS = [  # (stochastic solver at zero noise, ODE counterpart, exact bit e
     (SASolver(2, 0, tau=0.0), DPMSolverMultistep(order=2, solver_type="heun"), False),
     (SASolver(3, 0, tau=0.0), DPMSolverMultistep(order=3, solver_type="heun", exact_third_order=True), False),
     (ERSDE(order=1, noise_scale="ode"), DDIM(), False),
-    (Restart("heun", K=0), fs.get_solver("heun"), True),
-    (Restart("dpmpp_2m", intervals=((0.1, 1.0), (1.0, 5.0)), K=(0, 0)), fs.get_solver("dpmpp_2m"), True),
+    (Restart(fs.get_solver("heun"), K=0), fs.get_solver("heun"), True),
+    (Restart(fs.get_solver("dpmpp_2m"), intervals=((0.1, 1.0), (1.0, 5.0)), K=(0, 0)), fs.get_solver("dpmpp_2m"), True),
 ]
 
 
@@ -115,8 +115,9 @@ def test_dpmpp_2m_sde_matches_the_published_update(x64):
     d = GaussianMixture.ring(n=4, radius=2.0, std=0.3).denoiser(p)
     x_T = fs.prior(p, jax.random.PRNGKey(1), (32, 2))
     solver = DPMSolverMultistepSDE(order=2, eta=0.7, lower_order_final=False)
-    x, info = fs.sample(d, x_T, solver, nfe=8, schedule="karras", key=KEY, return_info=True)
-    ts, noise, eta = np.asarray(info.timesteps), fs.IndependentNoise(KEY), 0.7
+    info = fs.solve(d, x_T, solver, nfe=8, schedule="karras", key=KEY)
+    x = info.x
+    ts, noise, eta = np.asarray(info.grid.times), fs.IndependentNoise(KEY), 0.7
     y, old, h_last = x_T, None, None
     for i in range(len(ts) - 1):
         s, s_next = ts[i], ts[i + 1]
@@ -155,11 +156,12 @@ def test_gaussian_data_marginal_mean_and_variance(x64, name):
     start = 200 if name in FIRST_ORDER else 40
     nfe = next(k for k in range(start, start + 20) if _reachable(solver, k, True))
     model, calls = counting(g.denoiser(p).model)
-    x, info = fs.sample(fs.Denoiser(model, p, "x0"), x_T, solver, nfe=nfe, schedule="logsnr_uniform",
-                        final_zero=True, key=KEY, return_info=True)
+    info = fs.solve(fs.Denoiser(model, p, "x0"), x_T, solver, nfe=nfe, schedule="logsnr_uniform",
+                        final_zero=True, key=KEY)
+    x = info.x
     x = np.asarray(x)
     jax.effects_barrier()
-    assert info.nfe == nfe == len(calls)  # the NFE a solver reports is the count of model calls
+    assert info.stats["nfe"] == nfe == len(calls)  # the NFE a solver reports is the count of model calls
     se_mean = STD / np.sqrt(n)
     np.testing.assert_array_less(np.abs(x.mean(0) - MEAN), 4 * se_mean + 0.03)
     var = x.var(0)
@@ -268,9 +270,9 @@ def test_nfe_counts_on_grids_that_stop_at_t_min(name):
     model, calls = counting(GaussianMixture.ring(n=4, radius=2.0, std=0.3).denoiser(p).model)
     solver = fs.get_solver(name, **STOCHASTIC[name])
     x_T = fs.prior(p, jax.random.PRNGKey(9), (4, 2))
-    _, info = fs.sample(fs.Denoiser(model, p, "x0"), x_T, solver, nfe=14, key=KEY, return_info=True)
+    info = fs.solve(fs.Denoiser(model, p, "x0"), x_T, solver, nfe=14, key=KEY)
     jax.effects_barrier()
-    assert info.nfe == 14 == len(calls), (name, info.nfe, len(calls))
+    assert info.stats["nfe"] == 14 == len(calls), (name, info.stats["nfe"], len(calls))
 
 
 # ----- errors -------------------------------------------------------------------------------------

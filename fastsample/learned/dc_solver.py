@@ -58,11 +58,20 @@ import numpy as np
 import optax
 
 from ..denoisers import Denoiser
-from ..solvers import get_solver
-from ..solvers.base import AbstractWrapper
+from ..grid import Grid
+from ..loop import Record, run
+from ..sampling import grid as build_grid
+from ..sampling import sample
+from ..solvers import (
+    AbstractFittedSolver,
+    AbstractLinearSolver,
+    AbstractStochasticSolver,
+    AbstractWrapper,
+    get_solver,
+)
 from ..solvers.exponential import AbstractMultistepSolver, History
-from ..solvers.stochastic_base import AbstractStochasticSolver
 from ..solvers.unipc import UniPC, unic_correct
+from .io import model_fingerprint
 from .program import LinearProgram, ProgramSolver, extract_program
 from .reference import ReferenceSet
 
@@ -122,7 +131,7 @@ class DCState(NamedTuple):
     dc: History
 
 
-class DCSolver(AbstractWrapper):
+class DCSolver(AbstractWrapper, AbstractLinearSolver, AbstractFittedSolver):
     """Dynamic compensation (DC-Solver, Zhao et al. 2024) around a multistep solver ``base`` (a
     registry name or instance: ``unipc``, ``unipc_3``, ``dpmpp_2m``, ``dpmpp_3m``, ...): before step
     ``i`` the newest output is replaced by its order-``dc_order`` Lagrange interpolant at the time
@@ -184,23 +193,24 @@ class DCSolver(AbstractWrapper):
         if self.process and type(process).__name__ != self.process:
             raise ValueError(f"this DC solver was fitted for process {self.process}; got {type(process).__name__}. "
                              "Fit it again for this process.")
-        fitted = self.nfe(self.steps, bool(self.timesteps[-1] == 0))
+        grid = Grid.from_times(np.asarray(self.timesteps, np.float64))
+        fitted = grid.nfe(self)
         if nfe is not None and nfe != fitted:
             raise ValueError(f"this DC solver was fitted for nfe={fitted}; got nfe={nfe}. Pass nfe=None (or the "
                              "fitted NFE), or fit (or predict with CascadeRegression) ratios for this budget.")
-        return self.timesteps
+        return grid
 
     def _node(self, process, t):
         return t if self.variable == "t" else process.log_snr(t)
 
     def init_state(self, denoiser, x, cond, t_end, num_steps):
-        if num_steps is not None and num_steps != self.steps:
+        if isinstance(num_steps, int) and num_steps != self.steps:
             raise ValueError(f"{self.name} has {self.steps} ratios (one per step); the grid has {num_steps} steps. "
                              f"Use nfe={self.nfe(self.steps)} or a grid of {self.steps + 1} times.")
         base = self.base.init_state(denoiser, x, cond, t_end, num_steps)
         return DCState(base, History.empty(self.dc_order, x, t_end, num_steps))
 
-    def update(self, denoiser, t0, t1, x, cond, state: DCState):
+    def update(self, denoiser, t0, t1, x, cond, state: DCState, noise=None):
         base, process = self.base, denoiser.process
         m = base.evaluate(denoiser, t0, x, cond)
         node = jnp.asarray(self._node(process, t0), x.dtype)
@@ -235,8 +245,6 @@ class DCSolver(AbstractWrapper):
     def to_program_solver(self, denoiser: Denoiser, ts=None, **meta) -> ProgramSolver:
         """The saveable :class:`ProgramSolver` of this solver on ``ts`` (default: its fitted grid),
         ``method="dc_solver"``; it samples like this solver (up to rounding)."""
-        from .fitting import model_fingerprint
-
         ts = self._grid(ts)
         meta = {"method": "dc_solver", "base": self.base.name, "process": type(denoiser.process).__name__,
                 "final_zero": bool(ts[-1] == 0.0), "fingerprint": model_fingerprint(denoiser), **meta}
@@ -246,15 +254,9 @@ class DCSolver(AbstractWrapper):
 def _states(solver: DCSolver, denoiser, x_T, ts, cond):
     """The sampler's state at ``ts[1:]`` (``(steps, *x_T.shape)``): at inner points the state after
     UniC's correction there (the point the next predictor starts from), at the end the sample."""
-    steps = ts.shape[0] - 1
-
-    def body(carry, i):
-        x, state = carry
-        x1, state = solver.update(denoiser, ts[i], ts[i + 1], x, cond, state)
-        return (x1, state), solver.start_point(state, x)
-
-    init = (x_T, solver.init_state(denoiser, x_T, cond, ts[-1], steps))
-    (x, _), starts = jax.lax.scan(body, init, jnp.arange(steps))
+    x, out = run(solver, denoiser, ts, x_T, cond, record=Record(trajectory=True, states=True))
+    inputs = jnp.concatenate([x_T[None], out["x"][:-1]])
+    starts = jax.vmap(solver.start_point)(out["states"], inputs)
     return jnp.concatenate([starts[1:], x[None]])
 
 
@@ -318,6 +320,7 @@ def fit_dc_solver(
     schedule: str = "logsnr_uniform",
     schedule_options: dict | None = None,
     final_zero: bool = True,
+    grid: Grid | None = None,
     timesteps=None,
     dc_order: int = 2,
     variable: str = "t",
@@ -335,8 +338,8 @@ def fit_dc_solver(
     its step (module docstring); ``objective="endpoint"`` fits all ratios at once to the endpoint.
     Each optimisation runs ``iterations`` steps of ``optimizer`` (default Adam, learning rate 0.1)
     from ``rho = 1`` and keeps the best ratios seen, so the training loss never exceeds the base
-    solver's. The grid is the base solver's for ``nfe`` on ``schedule`` (see
-    :func:`~fastsample.learned.fitting.base_grid`), or ``timesteps``. ``val`` is held out: it is
+    solver's. The grid is the base solver's for ``nfe`` on ``schedule`` from the reference's
+    ``t_start`` (:func:`fastsample.grid`), or the given ``grid`` (or ``timesteps``). ``val`` is held out: it is
     sampled with the base and the fitted solver and reported. ``cond`` / ``val_cond`` (default
     ``cond``) condition the model on the training / held-out noises (e.g. one class label each).
 
@@ -344,9 +347,6 @@ def fit_dc_solver(
     through :func:`fastsample.sample` on that grid; :meth:`DCSolver.to_program_solver` makes the
     saveable :class:`ProgramSolver`) and a :class:`DCReport`.
     """
-    from ..sample import sample
-    from .fitting import base_grid
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
     if not isinstance(iterations, int) or iterations < 1:
@@ -355,15 +355,18 @@ def fit_dc_solver(
         raise ValueError("objective='greedy' fits each step to the true trajectory: make the training set with "
                          "make_reference(..., trajectory_points=200) (or use objective='endpoint').")
     process = denoiser.process
-    if timesteps is None:
+    if timesteps is not None:
+        if grid is not None:
+            raise ValueError("give either `grid` or `timesteps`, not both.")
+        grid = Grid.from_times(timesteps, process)
+    if grid is None:
         if final_zero != (train.t_end == 0.0):
             raise ValueError(f"final_zero={final_zero} needs reference endpoints at t {'= 0' if final_zero else '> 0'};"
                              f" these are at t = {train.t_end}.")
-        ts = base_grid(process, base, nfe, schedule, final_zero, t_start=train.t_start,
-                       schedule_options=schedule_options)
-    else:
-        ts = np.asarray(timesteps, np.float64)
-        process.check_times(ts, name="timesteps")
+        grid = build_grid(process, nfe, schedule, solver=base, final_zero=final_zero,
+                          **{"t_start": train.t_start, **(schedule_options or {})})
+    grid.check(process)
+    ts = np.asarray(grid.times, np.float64)
     dtype = train.x_T.dtype
     solver = DCSolver(base, jnp.ones((ts.shape[0] - 1,), dtype), dc_order=dc_order, variable=variable,
                       timesteps=jnp.asarray(ts, dtype), process=type(process).__name__)
@@ -396,7 +399,7 @@ def fit_dc_solver(
     vgrid = jnp.asarray(ts, val.x_T.dtype)
     val_cond = cond if val_cond is None else val_cond
     fitted_x = sample(denoiser, val.x_T, solver, cond=val_cond)
-    base_x = sample(denoiser, val.x_T, solver.base, nfe=None, timesteps=vgrid, cond=val_cond)
+    base_x = sample(denoiser, val.x_T, solver.base, timesteps=vgrid, cond=val_cond)
     report = DCReport(solver.base.name, nfe, ts, np.asarray(solver.ratios), _rmse(base_x, val.x_end),
                       _rmse(fitted_x, val.x_end), history)
     return solver, report

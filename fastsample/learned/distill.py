@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..processes import AbstractProcess
-from ..sample import sample
+from ..sampling import SaveAt, sample, solve
 from .program import LinearProgram, ProgramSolver, extract_program
 
 __all__ = ["fit_dode", "fit_iia", "refine_grid"]
@@ -106,8 +106,8 @@ def fit_dode(denoiser, base: str, ts, x_T, *, cond=None, teacher_factor: int = 1
     process = denoiser.process
     program = extract_program(base, process, ts)
     fine = refine_grid(process, ts, teacher_factor)
-    _, traj = sample(denoiser, x_T, base, nfe=None, timesteps=jnp.asarray(fine, x_T.dtype), cond=cond,
-                     return_trajectory=True)
+    traj = solve(denoiser, x_T, base, timesteps=jnp.asarray(fine, x_T.dtype), cond=cond,
+                 saveat=SaveAt(steps=True)).trajectory
     times = np.concatenate([np.asarray(program.times), [float(program.t_end)]])
     index = [int(np.argmin(np.abs(fine - t))) for t in times]
     if max(abs(fine[i] - t) for i, t in zip(index, times, strict=True)) > 1e-12:
@@ -134,7 +134,7 @@ def fit_iia(denoiser, base: str, ts, x_T, *, cond=None, substeps: int = 10, term
     def target(k, ys):
         step = step_of[k]
         fine = refine_grid(process, ts[step:step + 2], substeps)
-        return sample(denoiser, ys[first[step]], base, nfe=None, timesteps=jnp.asarray(fine, ys[0].dtype), cond=cond)
+        return sample(denoiser, ys[first[step]], base, timesteps=jnp.asarray(fine, ys[0].dtype), cond=cond)
 
     corrections = {last[s]: terms for s in last}
     program_fit, gammas = _fit_rowwise(denoiser, program, x_T, cond, corrections, target)

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..solvers.ems import EMS, _default_grid
+from ..sampling import prior, sample
+from ..solvers.ems import EMS, default_lambda_grid
 
 __all__ = ["EMS", "estimate_ems"]
 
@@ -30,15 +31,13 @@ def estimate_ems(denoiser, key, data_shape, num_samples: int = 256, num_lambda: 
     dim = int(np.prod(data_shape))
     k_data, k_noise, k_probe = jax.random.split(key, 3)
     if data is None:
-        from ..sample import prior, sample
-
         x_T = prior(process, k_data, (num_samples,) + data_shape)
         data = sample(denoiser, x_T, "dpmpp_3m", nfe=50, schedule="logsnr_uniform", cond=cond)
     data = jnp.asarray(data)
     if data.shape[1:] != data_shape:
         raise ValueError(f"data must have shape (num_samples, *{data_shape}); got {data.shape}.")
     dtype = data.dtype
-    lams = _default_grid(process, num_lambda, lambda_min, lambda_max, dtype)
+    lams = default_lambda_grid(process, num_lambda, lambda_min, lambda_max, dtype)
     noise = jax.random.normal(k_noise, data.shape, dtype)
 
     def x0_fn(x, lam):

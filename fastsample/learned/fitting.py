@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from ..denoisers import Denoiser
-from ..sample import sample
+from ..sampling import grid as build_grid
+from ..sampling import sample
 from ..solvers import get_solver
 from ..timesteps import get_timesteps
 from ..training import FitResult, fit
@@ -72,13 +73,10 @@ def model_fingerprint(denoiser: Denoiser) -> str:
 
 def base_grid(process, base: str, nfe: int, schedule: str, final_zero: bool, t_start=None, schedule_options=None):
     """The base solver's grid for exactly ``nfe`` evaluations (``ValueError`` when impossible)."""
-    solver = get_solver(base)
     options = dict(schedule_options or {})
     if t_start is not None:
         options["t_start"] = t_start
-    t_end = options.get("t_end", process.t_min)
-    steps = solver.steps_for_nfe(nfe, bool(final_zero) or t_end == 0)
-    return np.asarray(get_timesteps(process, steps, schedule, final_zero=final_zero and t_end != 0, **options))
+    return np.asarray(build_grid(process, nfe, schedule, solver=base, final_zero=final_zero, **options).times)
 
 
 def _rmse(x, y) -> float:
@@ -211,7 +209,7 @@ def fit_solver(
     solver = _with_meta(solver, **meta)
     fitted = _rmse(sample(denoiser, val.x_T, solver, cond=cond), val.x_end)
     if base_solver is None or method == "learned_grid" or method == "bns":
-        base_x = sample(denoiser, val.x_T, base, nfe=None, timesteps=jnp.asarray(ts, val.x_T.dtype), cond=cond)
+        base_x = sample(denoiser, val.x_T, base, timesteps=jnp.asarray(ts, val.x_T.dtype), cond=cond)
     else:
         base_x = base_solver[2](base_solver[1], val.x_T)
     if method == "learned_grid":

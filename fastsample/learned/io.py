@@ -8,16 +8,27 @@ unless asked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .program import ProgramSolver
 
-__all__ = ["save_solver", "load_solver"]
+__all__ = ["save_solver", "load_solver", "model_fingerprint"]
+
+
+def model_fingerprint(denoiser) -> str:
+    """A short hash of the denoiser's arrays and process, stored with fitted solvers."""
+    h = hashlib.sha256(type(denoiser.process).__name__.encode())
+    for leaf in jax.tree.leaves(denoiser):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
 
 FORMAT = "fastsample.program/1"
 

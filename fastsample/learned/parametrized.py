@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..processes import AbstractProcess
+from ..sampling import sample
 from .program import LinearProgram, ProgramSolver, extract_program
 
 __all__ = ["LearnedGrid", "Bespoke", "NonStationary", "monotone_times", "monotone_logits"]
@@ -98,10 +99,8 @@ class LearnedGrid(_Meta):
         return jnp.concatenate([t, jnp.zeros((1,), t.dtype)]) if self.final_zero else t
 
     def sample(self, denoiser, x_T, params, cond=None):
-        from ..sample import sample
-
         ts = self.timesteps(params).astype(x_T.dtype)
-        return sample(denoiser, x_T, self.base, nfe=None, timesteps=ts, final_zero=self.final_zero, cond=cond)
+        return sample(denoiser, x_T, self.base, timesteps=ts, final_zero=self.final_zero, cond=cond)
 
     def solver(self, params) -> ProgramSolver:
         """The fitted grid as a program (extracted from the base solver; not differentiable)."""

@@ -1,17 +1,18 @@
 """Every fixed-grid deterministic solver as one linear program, and the solver that runs it.
 
-All of fastsample's deterministic solvers are linear in the starting noise and the model's data
+All of fastsample's linear solvers are linear in the starting noise and the model's data
 predictions once the grid is fixed: the ``k``-th model evaluation happens at
 
     y_k = a_k x_T + sum_{j<k} B_kj D_j,        D_j = denoiser(y_j, tau_j)   (data prediction)
 
 and the sample is ``y_m = a_m x_T + sum_j B_mj D_j``. A :class:`LinearProgram` holds the
 evaluation times ``tau`` (``m``), ``a`` (``m + 1``) and the strictly lower-triangular ``B``
-(``(m + 1) x m``). :func:`extract_program` reads them off any registry solver (DDIM, DPM-Solver(++)
-, UniPC, DEIS, iPNDM, Heun, ...), and :class:`ProgramSolver` samples with them through
-``fastsample.sample``. Learned solvers are programs whose entries were fitted: Bespoke and
-non-stationary solvers (Shaul et al., 2023/2024), D-ODE (Kim et al., 2023), IIA (Zhang et al.,
-2023) and learned grids (LD3, Tong et al., 2024) all sample through this one piece of code.
+(``(m + 1) x m``). :func:`extract_program` composes them from a solver's plan (the per-step
+coefficients of :mod:`fastsample.plan`; DDIM, DPM-Solver(++), UniPC, DEIS, iPNDM, Heun, PNDM,
+...), and :class:`ProgramSolver` samples with them through ``fastsample.sample``. Learned solvers
+are programs whose entries were fitted: Bespoke and non-stationary solvers (Shaul et al.,
+2023/2024), D-ODE (Kim et al., 2023), IIA (Zhang et al., 2023) and learned grids (LD3, Tong et al.,
+2024) all sample through this one piece of code.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from typing import Any, ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ..denoisers import Denoiser
+from ..grid import Grid
+from ..plan import linear_program
 from ..processes import AbstractProcess
-from ..solvers.base import AbstractFastSolver
+from ..solvers import AbstractBudgetSolver, AbstractFittedSolver, AbstractLinearSolver, get_solver
 
-__all__ = ["LinearProgram", "ProgramSolver", "extract_program", "record_run"]
+__all__ = ["LinearProgram", "ProgramSolver", "extract_program"]
 
 
 class LinearProgram(NamedTuple):
@@ -56,7 +57,7 @@ class _ProgramState(NamedTuple):
     index: Any  # which evaluation comes next
 
 
-class ProgramSolver(AbstractFastSolver):
+class ProgramSolver(AbstractLinearSolver, AbstractFittedSolver):
     """Runs a :class:`LinearProgram`: one model evaluation per step of the grid ``program.grid()``.
 
     ``base``, ``method``, ``process`` and ``fingerprint`` record what the program was fitted for;
@@ -64,7 +65,6 @@ class ProgramSolver(AbstractFastSolver):
     """
 
     name: ClassVar[str] = "program"
-    linear_steps: ClassVar[bool] = True
     times: jax.Array
     t_end: jax.Array
     a: jax.Array
@@ -96,7 +96,7 @@ class ProgramSolver(AbstractFastSolver):
         outputs = jnp.zeros((self.fitted_nfe, *x.shape), x.dtype)
         return _ProgramState(x, outputs, jnp.zeros((), jnp.int32))
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         k = state.index
         outputs = state.outputs.at[k].set(denoiser(x, t0, cond))
         row = jnp.asarray(self.B, x.dtype)[k + 1]
@@ -104,120 +104,25 @@ class ProgramSolver(AbstractFastSolver):
         return x1, _ProgramState(state.x_T, outputs, k + 1)
 
     def fitted_grid(self, process: AbstractProcess, nfe):
-        """The program's grid; refuses a process or budget other than the fitted ones."""
+        """The program's grid (its evaluation times, then ``t_end``; times may repeat, e.g. Heun's,
+        so it is not checked as a sampling grid); refuses a process or budget other than the fitted ones."""
         if self.process and type(process).__name__ != self.process:
             raise ValueError(f"this {self.method} solver was fitted for process {self.process}; "
                              f"got {type(process).__name__}. Fit it again for this process.")
         if nfe is not None and nfe != self.fitted_nfe:
             raise ValueError(f"this {self.method} solver was fitted for nfe={self.fitted_nfe}; got nfe={nfe}. "
                              "Pass nfe=None (or the fitted NFE), or fit a solver for this budget.")
-        return self.program.grid()
-
-
-class _NoScan(Exception):
-    """The solver cannot be recorded inside one ``lax.scan`` (a model call inside ``lax.cond``, or a
-    number of calls that varies from step to step)."""
-
-
-def record_run(solver, process: AbstractProcess, ts, x0, outputs, noise=None):
-    """Run ``solver`` over the grid ``ts`` from ``x0`` with a model whose ``k``-th evaluation
-    returns the data prediction ``outputs[k]`` (and, for a stochastic solver, the noise source
-    ``noise``). Returns the evaluation times (``m``), the evaluation inputs followed by the result
-    (``(m + 1, *x0.shape)``) and the step of each evaluation.
-
-    One jitted ``lax.scan`` when every step makes the same number of model calls outside
-    ``lax.cond`` (fast also for processes that interpolate tables, like ``VPDiscrete``), otherwise
-    an eager run in which Python resolves the branches (so that skipped calls are not counted)."""
-    ts = np.asarray(ts, dtype=np.float64)
-    steps, m = ts.shape[0] - 1, outputs.shape[0]
-    if m % steps == 0:
-        try:
-            times, rows = _record_scan(solver, process, jnp.asarray(ts, x0.dtype), x0, outputs, noise)
-            return np.asarray(times), np.asarray(rows), tuple(k // (m // steps) for k in range(m))
-        except (_NoScan, jax.errors.UnexpectedTracerError, jax.errors.ConcretizationTypeError):
-            pass
-    return _record_eager(solver, process, ts, x0, outputs, noise)
-
-
-@eqx.filter_jit
-def _record_scan(solver, process, grid, x0, outputs, noise):
-    steps, m = grid.shape[0] - 1, outputs.shape[0]
-    per = m // steps
-
-    def body(carry, i):
-        x, state = carry
-        seen = []
-
-        def model(y, t, c):
-            seen.append((y, jnp.asarray(t, y.dtype)))
-            return jax.lax.dynamic_index_in_dim(outputs, i * per + len(seen) - 1, keepdims=False)
-
-        den = Denoiser(model, process, prediction="x0")
-        args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
-        x, state = solver.update(den, grid[i], grid[i + 1], x, None, state, *args)
-        if len(seen) != per:
-            raise _NoScan
-        return (x, state), (jnp.stack([y for y, _ in seen]), jnp.stack([t for _, t in seen]))
-
-    den = Denoiser(lambda y, t, c: jnp.zeros_like(y), process, prediction="x0")
-    state = solver.init_state(den, x0, None, grid[-1], steps)
-    (x, _), (ys, times) = jax.lax.scan(body, (x0, state), jnp.arange(steps))
-    return times.reshape(m), jnp.concatenate([ys.reshape((m,) + x0.shape), x[None]])
-
-
-def _record_eager(solver, process, ts, x0, outputs, noise):
-    calls, points, step_of, current = [], [], [], [0]
-
-    def model(x, t, cond):
-        k = len(calls)
-        if k >= outputs.shape[0]:
-            raise ValueError("the solver evaluated the model more often than its reported NFE.")
-        calls.append(float(t))
-        points.append(x)
-        step_of.append(current[0])
-        return outputs[k].astype(x.dtype)
-
-    denoiser = Denoiser(model, process, prediction="x0")
-    grid = jnp.asarray(ts, x0.dtype)
-    steps = ts.shape[0] - 1
-    with jax.disable_jit():
-        state = solver.init_state(denoiser, x0, None, grid[-1], steps)
-        x = x0
-        for i in range(steps):
-            current[0] = i
-            args = () if noise is None else (noise.at_step(i, grid[i], grid[i + 1]),)
-            x, state = solver.update(denoiser, grid[i], grid[i + 1], x, None, state, *args)
-    if len(calls) != outputs.shape[0]:
-        raise ValueError(f"{solver.name} evaluated the model {len(calls)} times on this grid; "
-                         f"it reports {outputs.shape[0]}.")
-    return np.asarray(calls), np.stack([np.asarray(p) for p in points] + [np.asarray(x)]), tuple(step_of)
+        return Grid(self.program.grid(), self.final_zero)
 
 
 def extract_program(solver, process: AbstractProcess, ts) -> LinearProgram:
-    """The :class:`LinearProgram` that ``solver`` runs on the grid ``ts``.
-
-    The solver is run once (:func:`record_run`) on ``m + 2`` one-dimensional probes at once:
-    probe 0 starts from ``x_T = 1`` with all predictions 0, probe ``j + 1`` from ``x_T = 0`` with
-    prediction ``j`` equal to 1. Solvers act elementwise and linearly, so probe ``p`` of each
-    evaluation point is one coefficient. The last probe is random and checks linearity: a
-    ``ValueError`` says when the solver has no program.
-    """
-    from ..solvers import get_solver
-
+    """The :class:`LinearProgram` that ``solver`` (a name or a linear solver) runs on the grid ``ts``
+    (times or a :class:`~fastsample.Grid`): the whole run composed from the solver's plan
+    (:func:`fastsample.plan.linear_program`). A ``ValueError`` says when the solver has no program
+    (it is not an :class:`~fastsample.solvers.AbstractLinearSolver`, or is stochastic)."""
     solver = get_solver(solver)
-    ts = np.asarray(ts, dtype=np.float64)
-    process.check_times(ts, name="timesteps")
-    m = solver.nfe(ts.shape[0] - 1, bool(ts[-1] == 0.0))
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    # Columns 0..m: the basis probes; column m + 1: a random probe that checks linearity.
-    rng = np.random.default_rng(0)
-    probes = np.concatenate([np.eye(m + 1), rng.standard_normal((m + 1, 1))], axis=1)
-    times, rows, step_of = record_run(solver, process, ts, jnp.asarray(probes[0], dtype),
-                                      jnp.asarray(probes[1:], dtype))
-    a, B, got = rows[:, 0], rows[:, 1:m + 1], rows[:, m + 1]
-    if np.any(np.triu(B[:m]) != 0):
-        raise ValueError(f"{solver.name} is not an explicit solver on this grid (an evaluation depends on itself).")
-    want = a * probes[0, m + 1] + B @ probes[1:, m + 1]
-    if not np.allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max()))):
-        raise ValueError(f"{solver.name} is not linear in the noise and the model outputs; it has no program.")
-    return LinearProgram(times, ts[-1], a, B, step_of)
+    grid = ts if isinstance(ts, Grid) else Grid.from_times(ts, process)
+    if isinstance(solver, AbstractBudgetSolver) and grid.budget is not None:
+        solver = solver.for_budget(grid.budget, grid.ends_at_zero)
+    times, a, B, step_of = linear_program(solver, process, grid)
+    return LinearProgram(times, float(grid.times[-1]), a, B, step_of)

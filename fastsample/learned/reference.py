@@ -19,10 +19,10 @@ import numpy as np
 
 from ..denoisers import Denoiser
 from ..processes import EDM
-from ..sample import prior, reference_solve
+from ..sampling import prior, reference_solve
 from ..terms import ProbabilityFlowTerm
 
-__all__ = ["ReferenceSet", "make_reference", "exact_endpoint"]
+__all__ = ["ReferenceSet", "make_reference", "exact_endpoint", "reference_trajectory"]
 
 
 class ReferenceSet(NamedTuple):
@@ -122,14 +122,16 @@ def make_reference(
     term = ProbabilityFlowTerm(denoiser, time="log_snr")
     xs, dxs = [], []
     for i in range(0, num, batch_size):
-        x, dx = _trajectory(term, x_T[i:i + batch_size], lams, cond)
+        x, dx = reference_trajectory(term, x_T[i:i + batch_size], lams, cond)
         xs.append(x)
         dxs.append(dx)
     return ReferenceSet(x_T, x_end, t0, float(t_end), lams, jnp.concatenate(xs), jnp.concatenate(dxs))
 
 
 @eqx.filter_jit
-def _trajectory(term, x_T, lams, cond):
+def reference_trajectory(term, x_T, lams, cond):
+    """The exact (adaptive Dopri8) solution of ``term`` (in the half log-SNR) at the half log-SNRs
+    ``lams`` and its derivative there: ``(xs, dxs)``, each ``(batch, K, ...)``."""
     tight = 1e-10 if x_T.dtype == jnp.float64 else 1e-6
     sol = diffrax.diffeqsolve(
         term, diffrax.Dopri8(), lams[0], lams[-1], dt0=None, y0=x_T, args=cond,

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..denoisers import Denoiser
-from ..sample import sample
+from ..sampling import sample
 from ..solvers import get_solver
 from ..terms import ProbabilityFlowTerm
 from ..timesteps import get_timesteps
-from .reference import _trajectory
+from .reference import reference_trajectory
 
 __all__ = ["SearchResult", "search_schedule", "jump_costs", "min_cost_path"]
 
@@ -123,7 +123,7 @@ def teacher_states(denoiser: Denoiser, x_T, candidates, *, cond=None):
                          f"has lambda={lams.tolist()[:3]}... at candidates={np.asarray(candidates).tolist()[:3]}...: "
                          "pass t_start/t_end strictly inside (0, 1) for flow matching.")
     term = ProbabilityFlowTerm(denoiser, time="log_snr")
-    xs, _ = _trajectory(term, x_T, jnp.asarray(lams, x_T.dtype), cond)
+    xs, _ = reference_trajectory(term, x_T, jnp.asarray(lams, x_T.dtype), cond)
     return xs
 
 

@@ -1,12 +1,13 @@
 """Analytic and learned models.
 
-``GaussianMixture`` is imported eagerly; the Flax networks, their training and checkpoints
+``GaussianMixture`` and ``ClassConditionalMixture`` are imported eagerly; the Flax networks, their training and checkpoints
 (``MLP``, ``UNet``, ``EDMObjective``, ``FlowMatchingObjective``, ``TrainedNetwork``, ``train``,
 ``load_network``, ...) load on first use, so ``import fastsample`` does not import Flax or orbax.
 """
 
 import importlib
 
+from .class_conditional import ClassConditionalMixture
 from .gaussian_mixture import GaussianMixture
 
 _LAZY = {
@@ -24,7 +25,7 @@ _LAZY = {
     "load_network": "checkpoints",
 }
 
-__all__ = ["GaussianMixture", *_LAZY]
+__all__ = ["ClassConditionalMixture", "GaussianMixture", *_LAZY]
 
 
 def __getattr__(name):

@@ -9,6 +9,7 @@ the ground-truth model against which samplers are measured.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -18,6 +19,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from .._compat import is_traced
+from ..data import digits
 from ..denoisers import Denoiser
 
 _KINDS = ("isotropic", "diagonal", "full")
@@ -368,10 +370,27 @@ class GaussianMixture(eqx.Module):
         return cls(means, np.full(n * n, float(std) ** 2))
 
     @classmethod
+    def fit(cls, x, n_components: int = 10, covariance: str = "full", reg_covar: float = 1e-2,
+            seed: int = 0) -> GaussianMixture:
+        """The mixture of ``n_components`` components fitted to the data ``x`` (``(N, D)``) by
+        scikit-learn's EM (``covariance``: ``"full"``, ``"diag"`` or ``"spherical"``/isotropic;
+        ``reg_covar`` is added to the covariance diagonals; ``seed`` is EM's ``random_state``).
+        Fits are cached by data and settings."""
+        if covariance not in _COVARIANCE_KINDS:
+            raise ValueError(f"covariance must be 'full', 'diag' or 'spherical' (isotropic); got {covariance!r}.")
+        if not isinstance(n_components, int) or isinstance(n_components, bool) or n_components < 1:
+            raise ValueError(f"n_components must be a positive integer; got {n_components!r}.")
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        means, covs, weights = _em_fit(x.tobytes(), x.shape, n_components, _COVARIANCE_KINDS[covariance],
+                                       float(reg_covar), int(seed))
+        return cls(means, covs, weights)
+
+    @classmethod
     def digits(
         cls, n_components: int = 10, covariance: str = "full", reg_covar: float = 1e-2, seed: int = 0
     ) -> GaussianMixture:
-        """Mixture fitted to scikit-learn's 8x8 digits, pixels scaled to ``[-1, 1]`` (64-D).
+        """Mixture fitted to scikit-learn's 8x8 digits (``fastsample.data.digits("all")``, pixels in
+        ``[-1, 1]``, 64-D) by :meth:`fit`.
 
         Args:
             n_components: number of components ``K``.
@@ -380,28 +399,22 @@ class GaussianMixture(eqx.Module):
                 (several pixels are constant in the data).
             seed: ``random_state`` for the EM fit.
         """
-        from sklearn.datasets import load_digits
-        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+        return cls.fit(digits("all")[0], n_components, covariance, reg_covar, seed)
 
-        aliases = {
-            "full": "full",
-            "diag": "diag",
-            "diagonal": "diag",
-            "spherical": "spherical",
-            "isotropic": "spherical",
-        }
-        if covariance not in aliases:
-            raise ValueError(
-                f"covariance must be 'full', 'diag' or 'spherical' (isotropic); got {covariance!r}"
-            )
-        data = load_digits().data.astype(np.float64) / 8.0 - 1.0
-        gmm = SkGaussianMixture(
-            n_components=n_components,
-            covariance_type=aliases[covariance],
-            reg_covar=reg_covar,
-            random_state=seed,
-        ).fit(data)
-        return cls(gmm.means_, gmm.covariances_, gmm.weights_)
+
+_COVARIANCE_KINDS = {"full": "full", "diag": "diag", "diagonal": "diag", "spherical": "spherical",
+                     "isotropic": "spherical"}
+
+
+@functools.lru_cache(maxsize=32)
+def _em_fit(data: bytes, shape, n_components: int, covariance_type: str, reg_covar: float, seed: int):
+    """scikit-learn's EM fit as NumPy float64 ``(means, covariances, weights)``, cached."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    x = np.frombuffer(data, np.float64).reshape(shape)
+    gmm = SkGaussianMixture(n_components=n_components, covariance_type=covariance_type, reg_covar=reg_covar,
+                            random_state=seed).fit(x)
+    return gmm.means_, gmm.covariances_, gmm.weights_
 
 
 class _MixtureModel(eqx.Module):

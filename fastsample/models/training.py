@@ -467,7 +467,7 @@ def evaluate(trained: TrainedNetwork, cfg, num_samples: int | None = None, seed:
     and sliced Wasserstein distance to fresh toy samples. ``gaussian_*`` are the baseline's values.
     """
     from .. import data, metrics
-    from ..sample import prior, sample
+    from ..sampling import prior, sample
 
     n = cfg.eval_samples if num_samples is None else num_samples
     key_prior, key_gauss, key_sw = jax.random.split(jax.random.PRNGKey(seed), 3)

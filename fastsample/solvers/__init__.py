@@ -1,13 +1,31 @@
-"""Solvers: one module per family, all found by name in :data:`SOLVERS`."""
+"""Solvers: one module per family, all found by name in :data:`SOLVERS`.
+
+Fixed-grid solvers subclass :class:`AbstractFastSolver` (the contract and its capabilities are in
+``base.py``); adaptive ones, which choose their own steps, subclass
+:class:`AbstractAdaptiveSolver` (``adaptive.py``). Machinery shared by several families lives in
+the private ``_shared.py``. Adding a solver: write its family module, register its name here.
+"""
 
 from __future__ import annotations
 
 import functools
 
+from .adaptive import AbstractAdaptiveSolver, DPMSolverAdaptive
 from .ancestral import AncestralDDIM, EDMStochastic
-from .base import AbstractFastSolver
+from .base import (
+    AbstractBudgetSolver,
+    AbstractFastSolver,
+    AbstractFittedSolver,
+    AbstractLinearSolver,
+    AbstractPhasedSolver,
+    AbstractWrapper,
+    check_finite_start,
+    phases_of,
+    supports,
+)
+from .bdia import BDIADDIM, AbstractReversibleSolver
 from .deis import DEIS
-from .dpm_solver import DPMSolverAdaptive, DPMSolverFast, DPMSolverMultistep, DPMSolverSinglestep
+from .dpm_solver import DPMSolverFast, DPMSolverMultistep, DPMSolverSinglestep
 from .dpm_solver_v3 import DPMSolverV3
 from .er_sde import ERSDE
 from .exponential import DDIM
@@ -17,11 +35,16 @@ from .restart import Restart
 from .runge_kutta import Euler, Heun, Midpoint
 from .sa_solver import SASolver
 from .sde_dpm import DPMSolverMultistepSDE, DPMSolverSDE
-from .stochastic_base import AbstractStochasticSolver
+from .stochastic_base import AbstractSDESolver, AbstractStochasticSolver
 from .unipc import UniC, UniPC
 from .wrappers import GHVB, HB, EpsScaling, TimeShift
 
 _p = functools.partial
+
+
+def _restart(inner="heun", intervals=((0.06, 0.30),), K=2, restart_steps: int = 3, **inner_options):
+    """``restart`` around the registry solver ``inner`` (with its ``inner_options``)."""
+    return Restart(get_solver(inner, **inner_options), intervals, K, restart_steps)
 
 
 def _ddim(eta=0.0, **options):
@@ -65,7 +88,7 @@ SOLVERS = {
     "pc_langevin": PCLangevin,
     "sa_solver": SASolver,
     "er_sde": ERSDE,
-    "restart": Restart,
+    "restart": _restart,
 }
 
 
@@ -73,9 +96,10 @@ def available_solvers() -> list[str]:
     return sorted(SOLVERS)
 
 
-def get_solver(solver, **options) -> AbstractFastSolver | DPMSolverAdaptive:
-    """A solver instance from a registry name (with constructor ``options``) or an instance."""
-    if isinstance(solver, (AbstractFastSolver, DPMSolverAdaptive)):
+def get_solver(solver, **options) -> AbstractFastSolver | AbstractAdaptiveSolver:
+    """A solver instance from a registry name (with constructor ``options``) or an instance: a
+    fixed-grid solver, or an adaptive one (its own kind, with its own driver)."""
+    if isinstance(solver, (AbstractFastSolver, AbstractAdaptiveSolver)):
         if options:
             raise ValueError("solver options are only accepted with a solver name, not an instance.")
         return solver
@@ -88,8 +112,20 @@ def get_solver(solver, **options) -> AbstractFastSolver | DPMSolverAdaptive:
 
 
 __all__ = [
+    "AbstractAdaptiveSolver",
+    "AbstractBudgetSolver",
     "AbstractFastSolver",
+    "AbstractFittedSolver",
+    "AbstractLinearSolver",
+    "AbstractPhasedSolver",
+    "AbstractReversibleSolver",
+    "AbstractSDESolver",
     "AbstractStochasticSolver",
+    "AbstractWrapper",
+    "BDIADDIM",
+    "check_finite_start",
+    "phases_of",
+    "supports",
     "AncestralDDIM",
     "DPMSolverMultistepSDE",
     "DPMSolverSDE",

@@ -22,15 +22,17 @@ from typing import ClassVar
 import equinox as eqx
 import jax.numpy as jnp
 
+from ._shared import check_nonnegative
+from .base import AbstractLinearSolver, AbstractPhasedSolver
 from .runge_kutta import Heun
-from .stochastic_base import AbstractStochasticSolver, ancestral_step, log_rho_ddim
+from .stochastic_base import AbstractSDESolver, AbstractStochasticSolver, ancestral_step, log_rho_ddim
 
 __all__ = ["AncestralDDIM", "EDMStochastic"]
 
 VARIANCES = ("ddim", "large")
 
 
-class AncestralDDIM(AbstractStochasticSolver):
+class AncestralDDIM(AbstractSDESolver, AbstractLinearSolver):
     """DDIM with noise (``ddim`` with ``eta > 0``, ``ddim_eta``, ``euler_ancestral``, ``ddpm``).
 
     ``eta``: DDIM's noise level (0: DDIM, 1: DDPM's posterior; above 1 the noise is clamped at
@@ -46,8 +48,8 @@ class AncestralDDIM(AbstractStochasticSolver):
     def __check_init__(self):
         if self.variance not in VARIANCES:
             raise ValueError(f"variance must be one of {', '.join(VARIANCES)}; got {self.variance!r}.")
-        _check_nonnegative(self.label, "eta", self.eta)
-        _check_nonnegative(self.label, "s_noise", self.s_noise)
+        check_nonnegative(self.label, "eta", self.eta)
+        check_nonnegative(self.label, "s_noise", self.s_noise)
 
     @property
     def name(self) -> str:
@@ -56,7 +58,7 @@ class AncestralDDIM(AbstractStochasticSolver):
     def order(self, terms):
         return 1
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         x0 = denoiser(x, t0, cond)
         h = process.log_snr(t1) - process.log_snr(t0)
@@ -74,24 +76,25 @@ class AncestralDDIM(AbstractStochasticSolver):
         return log_rho_ddim(self.eta, process.log_snr(t1) - process.log_snr(t0))
 
 
-class EDMStochastic(AbstractStochasticSolver):
+class EDMStochastic(AbstractStochasticSolver, AbstractLinearSolver, AbstractPhasedSolver):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) for any process: at a step from
     ``t0`` whose EDM noise level ``sigma0 = sigma/alpha`` lies in ``[S_tmin, S_tmax]``, raise it to
     ``sigma_hat = sigma0 (1 + gamma)``, ``gamma = min(S_churn / N, sqrt(2) - 1)`` (``N`` steps), by
     adding ``S_noise sqrt(sigma_hat^2 - sigma0^2)`` noise in EDM variables, then take a Heun step
     (fastsample's ``heun``) from ``t_hat`` to ``t1``. ``S_churn = 0`` is ``heun`` exactly. Costs as
-    Heun: ``2n`` evaluations, ``2n - 1`` when the grid ends at ``t = 0``."""
+    Heun: ``2n`` evaluations, ``2n - 1`` when the grid ends at ``t = 0``; its phases are Heun's."""
 
     S_churn: float = 0.0
     S_tmin: float = 0.0
     S_tmax: float = float("inf")
     S_noise: float = 1.0
+    phase: int | None = eqx.field(static=True, default=None)
 
     name: ClassVar[str] = "edm_stochastic"
 
     def __check_init__(self):
         for field in ("S_churn", "S_tmin", "S_tmax", "S_noise"):
-            _check_nonnegative(self.name, field, getattr(self, field))
+            check_nonnegative(self.name, field, getattr(self, field))
 
     def order(self, terms):
         return 2
@@ -99,12 +102,15 @@ class EDMStochastic(AbstractStochasticSolver):
     def nfe(self, num_steps, final_zero=False):
         return Heun().nfe(num_steps, final_zero)
 
+    def phases(self, num_steps, ends_at_zero):
+        return Heun().phases(num_steps, ends_at_zero)
+
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         if num_steps is None:
             raise ValueError("edm_stochastic needs the number of steps (S_churn / N): run it with fastsample.sample.")
         return jnp.asarray(num_steps, jnp.int32)
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         s0 = process.sigma_edm(t0)
         inside = (s0 >= self.S_tmin) & (s0 <= self.S_tmax) & jnp.isfinite(s0)
@@ -118,13 +124,4 @@ class EDMStochastic(AbstractStochasticSolver):
         x_hat = (a_hat / jnp.where(churn, a0, 1.0)).astype(x.dtype) * x + (a_hat * std).astype(x.dtype) * z
         x_hat = jnp.where(churn, x_hat, x)
         t_hat = jnp.where(churn, t_hat, t0)
-        return Heun().update(denoiser, t_hat, t1, x_hat, cond, None)[0], state
-
-
-def _check_nonnegative(solver, field, value):
-    try:
-        bad = not float(value) >= 0
-    except (TypeError, ValueError):  # traced values are not checked
-        return
-    if bad:
-        raise ValueError(f"{solver}: {field} must be >= 0; got {value}.")
+        return Heun(phase=self.phase).update(denoiser, t_hat, t1, x_hat, cond, None)[0], state

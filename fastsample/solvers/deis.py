@@ -37,6 +37,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from .base import AbstractLinearSolver
 from .exponential import (
     AbstractMultistepSolver,
     ell_to_time,
@@ -75,7 +76,7 @@ def lagrange_exp_weights(h, nodes, to_var=None):
     return _lagrange_basis(nodes, s if to_var is None else to_var(s)) @ w
 
 
-class DEIS(AbstractMultistepSolver):
+class DEIS(AbstractMultistepSolver, AbstractLinearSolver):
     """tAB-DEIS of ``order`` 1-4 (tAB-0 ... tAB-3): one model evaluation per step, the weights of
     the exponential integral of the Lagrange interpolant of the outputs by Gauss-Legendre quadrature.
 

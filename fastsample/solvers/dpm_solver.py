@@ -8,13 +8,12 @@ families differ only in the prediction variables.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AbstractFastSolver
+from ._shared import dpm_weights
+from .base import AbstractBudgetSolver, AbstractLinearSolver, AbstractPhasedSolver
 from .exponential import (
     AbstractMultistepSolver,
     ddim_step,
@@ -25,8 +24,6 @@ from .exponential import (
 )
 
 __all__ = [
-    "AdaptiveResult",
-    "DPMSolverAdaptive",
     "DPMSolverFast",
     "DPMSolverMultistep",
     "DPMSolverSinglestep",
@@ -34,35 +31,7 @@ __all__ = [
 ]
 
 
-def _dpm_weights(h, r0, r1, order, midpoint: bool, size: int, d2_factor: float = 1.0):
-    """Weights of ``m_0, m_1, m_2`` (newest first) for orders 1-3 (DPM-Solver++ Algorithm 2 and
-    its third-order extension), selected by the traced ``order``; ``r_j`` are ratios of earlier
-    steps to ``h``.
-
-    The published third-order update ``... - beta1 phi_3 D2`` uses ``D2 ~ h^2 m''/2``, while
-    integrating the quadratic interpolant exactly needs ``2 phi_3 D2``: with ``d2_factor=1`` (the
-    reference implementations' numbers) the method is exact for linear, not quadratic, outputs and
-    converges with order 2; ``d2_factor=2`` gives the third-order method."""
-    z = -h
-    e1 = jnp.expm1(z)  # expm1(-h)
-    e2 = h * phi(2, z)  # expm1(-h)/h + 1
-    e3 = z * phi(3, z)  # e2/h - 1/2
-    zero = jnp.zeros_like(h)  # (not 0 * r: a point at lambda = -inf has r = inf)
-    w1 = jnp.stack([-e1, zero, zero])
-    if midpoint:
-        w2 = jnp.stack([-e1 - 0.5 * e1 / r0, 0.5 * e1 / r0, zero])
-    else:
-        w2 = jnp.stack([-e1 + e2 / r0, -e2 / r0, zero])
-    d10 = jnp.stack([1.0 / r0, -1.0 / r0, zero])
-    d11 = jnp.stack([zero, 1.0 / r1, -1.0 / r1])
-    d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
-    d2 = (d10 - d11) / (r0 + r1)
-    w3 = w1 + e2 * d1 - d2_factor * e3 * d2
-    w = jnp.where(order == 1, w1, jnp.where(order == 2, w2, w3))
-    return w[:size]
-
-
-class DPMSolverMultistep(AbstractMultistepSolver):
+class DPMSolverMultistep(AbstractMultistepSolver, AbstractLinearSolver):
     """Multistep DPM-Solver(++) of order 1-3: ``dpmpp_2m`` / ``dpmpp_3m`` (data prediction) and
     ``dpm_solver_2m`` / ``dpm_solver_3m`` (noise prediction). ``solver_type`` ``midpoint`` (the
     paper's DPM-Solver++(2M), diffusers' default) or ``heun`` (Taylor form) for order 2."""
@@ -87,18 +56,20 @@ class DPMSolverMultistep(AbstractMultistepSolver):
         # unfilled history (warm-up) is never selected; keep its ratios finite
         r0 = jnp.where(state.count >= 1, r0, 1.0)
         r1 = jnp.where(state.count >= 2, r1, 1.0)
-        return _dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1,
+        return dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1,
                             2.0 if self.exact_third_order else 1.0)
 
 
-class DPMSolverSinglestep(AbstractFastSolver):
+class DPMSolverSinglestep(AbstractLinearSolver, AbstractPhasedSolver):
     """Singlestep DPM-Solver-1/2/3 (noise prediction, intermediate points at ``r = 1/2`` for
     order 2 and ``1/3, 2/3`` for order 3) and DPM-Solver++(2S/3S) (data prediction). Each step
     costs ``order`` evaluations; a step that ends at ``sigma = 0`` is a DDIM step (one
-    evaluation), so ``n`` steps cost ``order n`` or ``order (n - 1) + 1``."""
+    evaluation), so ``n`` steps cost ``order n`` or ``order (n - 1) + 1``. Phases: order-``k``
+    steps (branch 0), then that DDIM step (branch 1)."""
 
     order: int = eqx.field(static=True, default=2)
     prediction: str = eqx.field(static=True, default="eps")
+    phase: int | None = eqx.field(static=True, default=None)
 
     @property
     def needs_finite_start(self) -> bool:
@@ -117,11 +88,16 @@ class DPMSolverSinglestep(AbstractFastSolver):
     def nfe(self, num_steps, final_zero=False):
         return self.order * num_steps - ((self.order - 1) if final_zero else 0)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def phases(self, num_steps, ends_at_zero):
+        return ((num_steps - 1, 0), (1, 1)) if ends_at_zero else ((num_steps, 0),)
+
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         m0 = denoiser.predict(x, t0, cond, target=self.prediction)
-        if self.order == 1:
+        if self.order == 1 or self.phase == 1:
             return self._first_order(process, t0, t1, x, m0), state
+        if self.phase == 0:
+            return self._higher_order(denoiser, t0, t1, x, m0, cond), state
         return jax.lax.cond(
             t1 == 0,
             lambda: self._first_order(process, t0, t1, x, m0),
@@ -179,15 +155,17 @@ def fast_orders(order: int, nfe: int) -> tuple[int, ...]:
     return (1,) * nfe
 
 
-class DPMSolverFast(AbstractFastSolver):
+class DPMSolverFast(AbstractLinearSolver, AbstractPhasedSolver, AbstractBudgetSolver):
     """DPM-Solver-fast (k-diffusion's ``dpm_fast``): singlestep DPM-Solver whose per-step orders
     spend any budget exactly (:func:`fast_orders`); with ``final_zero`` the last step, onto
     ``sigma = 0``, is first order. Configured for a budget by :meth:`for_budget` (``sample``
-    does it); noise prediction by default, as in the paper."""
+    does it); noise prediction by default, as in the paper. Phases: the runs of equal orders
+    (the branch is the order)."""
 
     order: int = eqx.field(static=True, default=3)
     prediction: str = eqx.field(static=True, default="eps")
     orders: tuple[int, ...] = eqx.field(static=True, default=())
+    phase: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.order not in (1, 2, 3):
@@ -203,7 +181,7 @@ class DPMSolverFast(AbstractFastSolver):
 
     def for_budget(self, nfe, final_zero=False):
         orders = fast_orders(self.order, nfe - 1) + (1,) if final_zero else fast_orders(self.order, nfe)
-        return DPMSolverFast(self.order, self.prediction, orders)
+        return DPMSolverFast(order=self.order, prediction=self.prediction, orders=orders)
 
     def nfe(self, num_steps, final_zero=False):
         if num_steps != len(self.orders):
@@ -214,12 +192,25 @@ class DPMSolverFast(AbstractFastSolver):
     def steps_for_nfe(self, nfe, final_zero=False):
         return len(self.for_budget(nfe, final_zero).orders)
 
+    def phases(self, num_steps, ends_at_zero):
+        self.nfe(num_steps)  # configured for this many steps
+        runs = []
+        for k in self.orders:
+            if runs and runs[-1][1] == k:
+                runs[-1] = (runs[-1][0] + 1, k)
+            else:
+                runs.append((1, k))
+        return tuple(runs)
+
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return jnp.asarray(0, jnp.int32)  # the step index selects the step's order
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         if not self.orders:
             raise ValueError("dpm_solver_fast needs an NFE budget: pass nfe to sample (not only timesteps).")
+        if self.phase is not None:
+            step = DPMSolverSinglestep(order=self.phase, prediction=self.prediction, phase=0)
+            return step.update(denoiser, t0, t1, x, cond, None)[0], state + 1
         branches = [
             lambda k=k: DPMSolverSinglestep(order=k, prediction=self.prediction).update(
                 denoiser, t0, t1, x, cond, None)[0]
@@ -228,73 +219,3 @@ class DPMSolverFast(AbstractFastSolver):
         order = jnp.asarray(self.orders, jnp.int32)[jnp.minimum(state, len(self.orders) - 1)]
         # lax.switch on an unbatched index: only the selected order's evaluations run
         return jax.lax.switch(order - 1, branches), state + 1
-
-
-class AdaptiveResult(NamedTuple):
-    x: jax.Array
-    nfe: jax.Array  # model evaluations made (accepted and rejected steps)
-    steps: jax.Array  # accepted steps
-    reached: jax.Array  # whether the end time was reached within the budget
-
-
-class DPMSolverAdaptive(eqx.Module):
-    """DPM-Solver with adaptive step size (Lu et al. 2022, Algorithm 4): a pair of embedded
-    singlestep solvers (orders 1/2 or 2/3) sharing model evaluations estimates the local error;
-    a step is accepted when the scaled error ``E <= 1`` and the next log-SNR step is
-    ``min(theta h E^{-1/order}, ell_end - ell)``. Noise prediction by default, as in the paper.
-    ``fastsample.sample(..., solver="dpm_solver_adaptive", nfe=None)`` runs it; ``nfe`` caps the
-    model evaluations."""
-
-    order: int = eqx.field(static=True, default=3)
-    prediction: str = eqx.field(static=True, default="eps")
-    rtol: float = 0.05
-    atol: float = 0.0078
-    h_init: float = 0.05
-    theta: float = 0.9
-    max_steps: int = eqx.field(static=True, default=1000)
-
-    def __check_init__(self):
-        if self.order not in (2, 3):
-            raise ValueError(f"dpm_solver_adaptive order must be 2 or 3; got {self.order}.")
-
-    @property
-    def name(self) -> str:
-        return "dpm_solver_adaptive"
-
-    @property
-    def needs_finite_start(self) -> bool:
-        return True
-
-    def solve(self, denoiser, x, t_start, t_end, cond=None, max_nfe=None) -> AdaptiveResult:
-        pair = DPMSolverSinglestep(order=self.order, prediction=self.prediction)
-        process = denoiser.process
-        dtype = x.dtype
-        lam_start = jnp.asarray(process.log_snr(t_start), dtype)  # sampling increases lambda
-        lam_end = jnp.asarray(process.log_snr(t_end), dtype)
-        budget = jnp.asarray(jnp.iinfo(jnp.int32).max if max_nfe is None else max_nfe, jnp.int32)
-        tiny = 1e-5 * (lam_end - lam_start)
-
-        def norm(v):
-            return jnp.max(jnp.sqrt(jnp.mean(jnp.square(v.reshape(v.shape[0], -1)), axis=1)))
-
-        def cond_fn(carry):
-            x, lam, h, nfe, steps, tries = carry
-            return (lam_end - lam > tiny) & (nfe + self.order <= budget) & (tries < self.max_steps)
-
-        def body(carry):
-            x, lam, h, nfe, steps, tries = carry
-            t0, t1 = process.t_from_log_snr(lam), process.t_from_log_snr(lam + h)
-            m0 = denoiser.predict(x, t0, cond, target=self.prediction)
-            x_high, x_low = pair.step_pair(denoiser, t0, t1, x, m0, cond)
-            delta = jnp.maximum(self.atol, self.rtol * jnp.maximum(jnp.abs(x_low), jnp.abs(x)))
-            err = norm((x_high - x_low) / delta)
-            accept = err <= 1.0
-            x = jnp.where(accept, x_high, x)
-            lam = jnp.where(accept, lam + h, lam)
-            h = jnp.minimum(self.theta * h * jnp.maximum(err, 1e-10) ** (-1.0 / self.order), lam_end - lam)
-            return x, lam, h, nfe + self.order, steps + accept.astype(jnp.int32), tries + 1
-
-        h0 = jnp.minimum(jnp.asarray(self.h_init, dtype), lam_end - lam_start)
-        zero = jnp.asarray(0, jnp.int32)
-        x, lam, _, nfe, steps, _ = jax.lax.while_loop(cond_fn, body, (x, lam_start, h0, zero, zero, zero))
-        return AdaptiveResult(x, nfe, steps, lam_end - lam <= tiny)

@@ -58,7 +58,6 @@ class DPMSolverV3(AbstractMultistepSolver):
     corrector: bool = eqx.field(static=True, default=False)
 
     name: ClassVar[str] = "dpm_solver_v3"
-    linear_steps: ClassVar[bool] = False  # linear, but its coefficients vary per feature (the EMS)
 
     def __check_init__(self):
         if not isinstance(self.ems, EMS):
@@ -82,7 +81,7 @@ class DPMSolverV3(AbstractMultistepSolver):
         l = interp(self.ems.lambdas, self.ems.l, jnp.reshape(lam, (1,)).astype(self.ems.lambdas.dtype))[0]
         return x0 - l.astype(x.dtype) * x / process.alpha(t)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         if tuple(x.shape[1:]) != self.ems.data_shape:
             raise ValueError(f"EMS data shape {self.ems.data_shape} does not fit samples of shape {x.shape}.")
         process = denoiser.process

@@ -57,7 +57,7 @@ class EMS(eqx.Module):
     @classmethod
     def trivial(cls, process, data_shape, num: int = 200, lambda_min=None, lambda_max=None, dtype=None) -> EMS:
         """All-zero statistics (DPM-Solver-v3 then equals DPM-Solver++)."""
-        lams = _default_grid(process, num, lambda_min, lambda_max, dtype)
+        lams = default_lambda_grid(process, num, lambda_min, lambda_max, dtype)
         z = jnp.zeros((num,) + tuple(data_shape), lams.dtype)
         return cls(lams, z, z, z)
 
@@ -114,7 +114,7 @@ def interp(grid, values, u):
     return values[i] * (1 - w) + values[i + 1] * w
 
 
-def _default_grid(process, num, lambda_min=None, lambda_max=None, dtype=None):
+def default_lambda_grid(process, num, lambda_min=None, lambda_max=None, dtype=None):
     dtype = dtype or jnp.result_type(float)
     if lambda_min is None:
         lambda_min = float(process.log_snr(jnp.asarray(process.t_max, dtype)))

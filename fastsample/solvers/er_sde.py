@@ -24,7 +24,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from .ancestral import _check_nonnegative
+from ._shared import check_nonnegative
+from .base import AbstractLinearSolver
 from .exponential import History
 from .stochastic_base import AbstractStochasticSolver
 
@@ -40,7 +41,7 @@ NOISE_SCALES: dict[str, Callable] = {
 }
 
 
-class ERSDE(AbstractStochasticSolver):
+class ERSDE(AbstractStochasticSolver, AbstractLinearSolver):
     """ER-SDE-Solver-``order`` (1-3) with noise-scale function ``noise_scale``: a name of
     :data:`NOISE_SCALES` or a callable ``phi(s)`` of the EDM noise level. ``order=1`` with
     ``noise_scale="ode"`` is DDIM; with ``"sde"`` it is DDPM's ancestral step. Warm-up and
@@ -61,7 +62,7 @@ class ERSDE(AbstractStochasticSolver):
         if not callable(self.noise_scale) and self.noise_scale not in NOISE_SCALES:
             raise ValueError(f"er_sde noise_scale must be one of {', '.join(NOISE_SCALES)} or a callable phi(sigma); "
                              f"got {self.noise_scale!r}.")
-        _check_nonnegative(self.name, "s_noise", self.s_noise)
+        check_nonnegative(self.name, "s_noise", self.s_noise)
 
     @property
     def needs_finite_start(self) -> bool:
@@ -88,7 +89,7 @@ class ERSDE(AbstractStochasticSolver):
             i1, i2 = i1 + f, i2 + f * (s - s0)
         return i1, i2
 
-    def update(self, denoiser, t0, t1, x, cond, state: History, noise):
+    def update(self, denoiser, t0, t1, x, cond, state: History, noise=None):
         process = denoiser.process
         d0 = denoiser(x, t0, cond)
         a0, a1, sig1 = process.alpha(t0), process.alpha(t1), process.sigma(t1)

@@ -25,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AbstractFastSolver
+from .base import AbstractFastSolver, AbstractLinearSolver
 
 __all__ = [
     "DDIM",
@@ -96,18 +96,17 @@ def ell_to_time(process, ell, prediction: str):
     return process.t_from_log_snr(ell if prediction == "x0" else -ell)
 
 
-class DDIM(AbstractFastSolver):
+class DDIM(AbstractLinearSolver):
     """DDIM (Song, Meng, Ermon, Denoising Diffusion Implicit Models, 2021), the first-order
     exponential integrator: exact for single-point data on any grid, and the same update
     whichever prediction the model makes (DPM-Solver-1 = DPM-Solver++(1) = DDIM)."""
 
     name: ClassVar[str] = "ddim"
-    linear_steps: ClassVar[bool] = True
 
     def order(self, terms):
         return 1
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         return ddim_step(denoiser.process, t0, t1, x, denoiser(x, t0, cond)), state
 
 
@@ -176,7 +175,6 @@ class AbstractMultistepSolver(AbstractFastSolver):
     lower_order_final_below: int | None = eqx.field(static=True, default=15)
 
     max_order: ClassVar[int] = 3
-    linear_steps: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 1 <= self.order <= self.max_order:
@@ -203,7 +201,7 @@ class AbstractMultistepSolver(AbstractFastSolver):
         """The model output this solver works with (one NFE)."""
         return denoiser.predict(x, t0, cond, target=self.prediction)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         return self.advance(denoiser.process, t0, t1, x, self.evaluate(denoiser, t0, x, cond), state)
 
     def advance(self, process, t0, t1, x, m, state):

@@ -19,13 +19,15 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from ..terms import ProbabilityFlowTerm
-from .ancestral import AncestralDDIM, _check_nonnegative
+from ._shared import check_nonnegative
+from .ancestral import AncestralDDIM
+from .base import AbstractLinearSolver
 from .stochastic_base import AbstractStochasticSolver
 
 __all__ = ["EulerMaruyama", "PCLangevin"]
 
 
-class EulerMaruyama(AbstractStochasticSolver):
+class EulerMaruyama(AbstractStochasticSolver, AbstractLinearSolver):
     """Euler-Maruyama on the reverse SDE with noise level ``eta`` (1: the reverse SDE; 0: ``euler``
     on the PF-ODE, exactly), in the process time ``t``. Its noise is the Brownian increment over the
     step (``noise="brownian"`` gives strong order 1/2). A step onto ``t = 0`` is the deterministic
@@ -38,8 +40,8 @@ class EulerMaruyama(AbstractStochasticSolver):
     name: ClassVar[str] = "euler_maruyama"
 
     def __check_init__(self):
-        _check_nonnegative(self.name, "eta", self.eta)
-        _check_nonnegative(self.name, "s_noise", self.s_noise)
+        check_nonnegative(self.name, "eta", self.eta)
+        check_nonnegative(self.name, "s_noise", self.s_noise)
 
     @property
     def needs_finite_start(self) -> bool:
@@ -48,7 +50,7 @@ class EulerMaruyama(AbstractStochasticSolver):
     def order(self, terms):
         return 1
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         x0, drift = ProbabilityFlowTerm(denoiser).x0_and_drift(t0, x, cond)
         a, s, da, ds = process.derivatives(jnp.asarray(t0, x.dtype))
@@ -64,7 +66,7 @@ class EulerMaruyama(AbstractStochasticSolver):
 PREDICTORS = {"euler_maruyama": EulerMaruyama, "ddpm": AncestralDDIM}
 
 
-class PCLangevin(AbstractStochasticSolver):
+class PCLangevin(AbstractStochasticSolver, AbstractLinearSolver):
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3): at each grid time,
     ``corrector_steps`` Langevin MCMC steps ``x <- x + e score + sqrt(2 e) z``, then one predictor
     step (``euler_maruyama`` or ``ddpm``, the ancestral "reverse diffusion" predictor).
@@ -89,7 +91,7 @@ class PCLangevin(AbstractStochasticSolver):
             raise ValueError(f"pc_langevin predictor must be one of {', '.join(PREDICTORS)}; got {self.predictor!r}.")
         if not isinstance(self.corrector_steps, int) or self.corrector_steps < 0:
             raise ValueError(f"pc_langevin corrector_steps must be an integer >= 0; got {self.corrector_steps!r}.")
-        _check_nonnegative(self.name, "snr", self.snr)
+        check_nonnegative(self.name, "snr", self.snr)
 
     @property
     def nfe_per_step(self) -> int:
@@ -102,7 +104,7 @@ class PCLangevin(AbstractStochasticSolver):
     def order(self, terms):
         return 1
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         e = (2.0 * jnp.square(self.snr * denoiser.process.sigma(t0))).astype(x.dtype)
         for j in range(self.corrector_steps):
             score = denoiser.predict(x, t0, cond, target="score")

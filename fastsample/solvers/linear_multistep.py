@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..terms import ProbabilityFlowTerm
-from .base import AbstractFastSolver
+from .base import AbstractLinearSolver, AbstractPhasedSolver
 from .exponential import AbstractMultistepSolver, History, ddim_step, prediction_step
 
 __all__ = ["LMS", "IPNDM", "PNDM", "ADAMS_BASHFORTH"]
@@ -60,7 +60,7 @@ def _ddim_from_eps(process, t0, t1, x, eps):
     return ddim_step(process, t0, t1, x, (x - s0 * eps) / a0)
 
 
-class LMS(AbstractFastSolver):
+class LMS(AbstractLinearSolver):
     """Linear multistep (variable-step Adams-Bashforth) on the PF-ODE drift in time ``t``, order
     1-4: ``x1 = x + sum_j c_j d_j`` with ``c_j = int_{t0}^{t1} l_j(t) dt`` for the Lagrange basis
     ``l_j`` through the times of the last ``order`` drifts ``d_j`` (Gauss-Legendre, exact).
@@ -75,7 +75,6 @@ class LMS(AbstractFastSolver):
     lower_order_final: bool = eqx.field(static=True, default=False)
 
     name: ClassVar[str] = "lms"
-    linear_steps: ClassVar[bool] = True
     max_order: ClassVar[int] = 4
 
     def __check_init__(self):
@@ -108,7 +107,7 @@ class LMS(AbstractFastSolver):
             rows.append(jnp.stack(c + [jnp.zeros_like(dt)] * (self.order - p)))
         return jnp.stack(rows)[jnp.clip(order, 1, self.order) - 1]
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         x0, d = ProbabilityFlowTerm(denoiser).x0_and_drift(t0, x, cond)
         order = state.order_for(self.order, self.lower_order_final, t1)
@@ -124,7 +123,7 @@ class LMS(AbstractFastSolver):
         return x1, state.push(d, t0)
 
 
-class IPNDM(AbstractMultistepSolver):
+class IPNDM(AbstractMultistepSolver, AbstractLinearSolver):
     """iPNDM: ``eps' = sum_j a_j eps_j`` with the fixed (equal-step) Adams-Bashforth coefficients
     ``a`` of order ``k = min(order, steps taken + 1)`` (``1``; ``(3, -1)/2``; ``(23, -16, 5)/12``;
     ``(55, -59, 37, -9)/24``), then a DDIM step with ``eps'``:
@@ -155,7 +154,7 @@ class IPNDM(AbstractMultistepSolver):
         return -jnp.expm1(-c.h) * table[jnp.clip(order, 1, self.max_order) - 1]
 
 
-class PNDM(AbstractFastSolver):
+class PNDM(AbstractLinearSolver, AbstractPhasedSolver):
     """F-PNDM: the first three steps are pseudo Runge-Kutta steps (four noise predictions:
     ``e1`` at ``(x, t0)``, ``e2`` at ``phi(x, e1, t0, tm)``, ``e3`` at ``phi(x, e2, t0, tm)``, ``e4``
     at ``phi(x, e3, t0, t1)``, then ``x1 = phi(x, (e1 + 2 e2 + 2 e3 + e4) / 6, t0, t1)``, with
@@ -169,10 +168,13 @@ class PNDM(AbstractFastSolver):
     warm-up classical RK4 in ``rho`` (for ``EDM``, ``t = rho`` and both agree); ``"log_snr"`` the
     midpoint in ``lambda``. Where ``rho(t)`` is far from linear over a step (flow matching near
     ``t = 1``) the time midpoint is inaccurate. A step that ends at ``t = 0`` is a DDIM step with
-    ``e1`` (one evaluation; the others are skipped by ``lax.switch`` on an unbatched index).
+    ``e1`` (one evaluation). Phases: the final DDIM step (branch 0), the pseudo Runge-Kutta steps
+    (1) and the multistep ones (2); with ``phase=None`` ``lax.switch`` on an unbatched index picks
+    the branch (the others' evaluations are skipped).
     """
 
     midpoint: str = eqx.field(static=True, default="t")
+    phase: int | None = eqx.field(static=True, default=None)
 
     name: ClassVar[str] = "pndm"
 
@@ -201,10 +203,15 @@ class PNDM(AbstractFastSolver):
             total -= 3  # the last step (a warm-up one) is a DDIM step instead
         return total
 
+    def phases(self, num_steps, ends_at_zero):
+        last = 1 if ends_at_zero else 0
+        prk = min(num_steps - last, self.prk_steps)
+        return ((prk, 1), (num_steps - last - prk, 2), (last, 0))
+
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return History.empty(3, x, t_end, num_steps)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         eps = lambda y, t: denoiser.predict(y, t, cond, target="eps")
         e1 = eps(x, t0)
@@ -225,7 +232,9 @@ class PNDM(AbstractFastSolver):
             e = jnp.tensordot(coef, jnp.concatenate([e1[None], state.values]), axes=1)
             return _eps_transfer(process, t0, t1, x, e)
 
-        # unbatched predicates: the untaken branches' evaluations really are skipped
-        branch = jnp.where(t1 == 0, 0, jnp.where(state.step < self.prk_steps, 1, 2))
-        x1 = jax.lax.switch(branch, [final, prk, plms])
+        if self.phase is not None:
+            x1 = (final, prk, plms)[self.phase]()
+        else:  # unbatched predicates: the untaken branches' evaluations really are skipped
+            branch = jnp.where(t1 == 0, 0, jnp.where(state.step < self.prk_steps, 1, 2))
+            x1 = jax.lax.switch(branch, [final, prk, plms])
         return x1, state.push(e1, jnp.asarray(t0, x.dtype))

@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .base import AbstractFastSolver
+from .runge_kutta import Heun
 from .stochastic_base import AbstractStochasticSolver
 
 __all__ = ["Restart"]
 
 
 class Restart(AbstractStochasticSolver):
-    """Restart sampling (Xu et al. 2023) around any deterministic solver (``inner``: a registry
-    name, with ``inner_options`` as further keywords, or an instance; ``heun`` by default, as in
-    the paper; kept in the field ``solver``).
+    """Restart sampling (Xu et al. 2023) around any deterministic solver (``inner``, an instance;
+    ``heun`` by default, as in the paper; kept in the field ``solver``; the registry's
+    ``get_solver("restart", inner="dpmpp_2m", ...)`` takes a name and its options).
 
     ``intervals``: restart intervals ``(s_min, s_max)`` in EDM noise levels (one pair or a tuple
     of pairs); ``K``: repetitions per interval (an int for all, or one per interval);
@@ -43,12 +44,12 @@ class Restart(AbstractStochasticSolver):
 
     name: ClassVar[str] = "restart"
 
-    def __init__(self, inner="heun", intervals=((0.06, 0.30),), K=2, restart_steps: int = 3, **inner_options):
-        from . import get_solver  # the registry imports this module
-
-        solver = get_solver(inner, **inner_options)
+    def __init__(self, inner: AbstractFastSolver | None = None, intervals=((0.06, 0.30),), K=2,
+                 restart_steps: int = 3):
+        solver = Heun() if inner is None else inner
         if isinstance(solver, AbstractStochasticSolver) or not isinstance(solver, AbstractFastSolver):
-            raise ValueError(f"restart needs a deterministic fixed-grid inner solver; got {solver.name}.")
+            raise ValueError("restart needs a deterministic fixed-grid inner solver (an instance; by name: "
+                             f"get_solver('restart', inner='heun', ...)); got {type(solver).__name__}.")
         pairs = np.asarray(intervals, dtype=np.float64)
         if pairs.ndim == 1:
             pairs = pairs[None]
@@ -81,6 +82,7 @@ class Restart(AbstractStochasticSolver):
         return self.solver.nfe(num_steps, final_zero) + sum(k * self.solver.nfe(self.restart_steps) for k in self.K)
 
     def check_grid(self, process, ts) -> None:
+        super().check_grid(process, ts)
         positive = ts[ts > 0]
         for s_min, _ in self.intervals:
             t_min = float(process.t_from_sigma_edm(jnp.asarray(s_min)))
@@ -94,7 +96,7 @@ class Restart(AbstractStochasticSolver):
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return self.solver.init_state(denoiser, x, cond, t_end, num_steps)
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         x1, state = self.solver.update(denoiser, t0, t1, x, cond, state)
         offset = 0
         for (s_min, s_max), k in zip(self.intervals, self.K, strict=True):

@@ -9,7 +9,7 @@ prediction, over a step with ``h = lambda1 - lambda0`` and ``c = 1 + tau^2``, is
 
 Replacing ``D`` by its Lagrange interpolant through nodes ``v_j = (lambda_j - lambda0) / h``
 gives weights ``c h rho`` with ``sum_j rho_j v_j^k = k! phi_{k+1}(-c h)`` (a transposed
-Vandermonde system, the one UniPC solves: ``unipc._solve``). The predictor (order ``p``) uses the
+Vandermonde system, the one UniPC solves: ``_shared.vandermonde_solve``). The predictor (order ``p``) uses the
 newest ``p`` outputs; the corrector (order ``q``) recomputes the previous step with the output
 just evaluated at the predicted point as an extra node at ``v = 1`` and the *same* noise ``xi``,
 so it costs no evaluation. ``tau`` is SDE-DPM-Solver++'s ``sqrt(eta)``: at ``tau = 0`` without the
@@ -26,10 +26,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .ancestral import _check_nonnegative
+from ._shared import check_nonnegative, pad_zeros, select_order, step_ratios, vandermonde_solve
+from .base import AbstractLinearSolver
 from .exponential import AbstractMultistepSolver, History, phi, prediction_step
 from .stochastic_base import AbstractStochasticSolver, eta_h
-from .unipc import _pad, _ratios, _select, _solve
 
 __all__ = ["SASolver", "SAState"]
 
@@ -45,7 +45,7 @@ def _b(ch, n):
     return [math.factorial(k) * phi(k + 1, -ch) for k in range(n)]
 
 
-class SASolver(AbstractStochasticSolver, AbstractMultistepSolver):
+class SASolver(AbstractStochasticSolver, AbstractMultistepSolver, AbstractLinearSolver):
     """SA-Solver (Xue et al. 2023): stochastic Adams predictor of order ``predictor_order`` (1-3)
     and corrector of order ``corrector_order`` (0: none, 1-3), noise ``tau`` applied on steps whose
     starting EDM noise level ``sigma/alpha`` lies in ``tau_interval`` (0 elsewhere; the paper's
@@ -78,8 +78,8 @@ class SASolver(AbstractStochasticSolver, AbstractMultistepSolver):
         lo, hi = self.tau_interval
         if not 0 <= lo <= hi:
             raise ValueError(f"sa_solver tau_interval must be (lo, hi) with 0 <= lo <= hi; got {self.tau_interval}.")
-        _check_nonnegative(self.name, "tau", self.tau)
-        _check_nonnegative(self.name, "s_noise", self.s_noise)
+        check_nonnegative(self.name, "tau", self.tau)
+        check_nonnegative(self.name, "s_noise", self.s_noise)
 
     @property
     def history_size(self) -> int:
@@ -105,17 +105,17 @@ class SASolver(AbstractStochasticSolver, AbstractMultistepSolver):
         """Weights ``c h rho`` of the values at ``nodes`` for interpolation orders ``1..q_max``."""
         b = _b(ch, q_max)
         zero = jnp.zeros_like(ch)
-        cands = [_pad([ch * r for r in _solve(nodes[:q], b)], size, zero) for q in range(1, q_max + 1)]
-        return _select(order, cands)
+        cands = [pad_zeros([ch * r for r in vandermonde_solve(nodes[:q], b)], size, zero) for q in range(1, q_max + 1)]
+        return select_order(order, cands)
 
     def weights(self, process, c, state: History, order):
         # c.h is the (safe) (1 + tau^2) h; the nodes are in units of h = ell1 - ell0 itself
         d = c.ell1 - c.ell0
         h = jnp.where(jnp.isfinite(d), d, 1.0)
-        nodes = [jnp.zeros_like(h)] + _ratios(state.ells, c.ell0, h, state.count, 0, self.order - 1)
+        nodes = [jnp.zeros_like(h)] + step_ratios(state.ells, c.ell0, h, state.count, 0, self.order - 1)
         return self._weights(c.h, nodes, self.order, order, self.history_size + 1)
 
-    def update(self, denoiser, t0, t1, x, cond, state: SAState, noise):
+    def update(self, denoiser, t0, t1, x, cond, state: SAState, noise=None):
         process = denoiser.process
         m = self.evaluate(denoiser, t0, x, cond)
         if self.corrector_order > 0:
@@ -142,7 +142,8 @@ class SASolver(AbstractStochasticSolver, AbstractMultistepSolver):
         tau2 = self.tau2(process, t_prev)
         ch = (1.0 + tau2) * h
         q_max = self.corrector_order
-        nodes = [jnp.ones_like(h), jnp.zeros_like(h)] + _ratios(hist.ells, hist.ells[0], h, hist.count, 1, q_max - 2)
+        earlier = step_ratios(hist.ells, hist.ells[0], h, hist.count, 1, q_max - 2)
+        nodes = [jnp.ones_like(h), jnp.zeros_like(h)] + earlier
         order = jnp.minimum(q_max, hist.count + 1)
         w = self._weights(ch, nodes, q_max, order, q_max).astype(x.dtype)
         vals = jnp.concatenate([m[None], hist.values[: q_max - 1]])

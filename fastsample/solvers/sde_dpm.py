@@ -6,7 +6,7 @@ samplers. With data prediction, ``h = lambda1 - lambda0`` and ``h_eta = (1 + eta
 
     x1 = (sigma1 / sigma0) e^{-eta h} x + alpha1 sum_j w_j(h_eta) D_j + sigma1 sqrt(1 - e^{-2 eta h}) z,
 
-where ``w(h_eta)`` are the ODE multistep weights (``dpm_solver._dpm_weights``) evaluated at
+where ``w(h_eta)`` are the ODE multistep weights (``_shared.dpm_weights``) evaluated at
 ``h_eta`` with the ratios ``r`` of earlier steps to ``h``: at ``eta = 0`` the ODE solvers
 ``dpmpp_2m`` / ``dpmpp_3m``, whose history, warm-up and lower-order-final rules are reused here.
 """
@@ -19,15 +19,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .ancestral import _check_nonnegative
-from .dpm_solver import DPMSolverMultistep, _dpm_weights
+from ._shared import check_nonnegative, dpm_weights
+from .base import AbstractLinearSolver, AbstractPhasedSolver
+from .dpm_solver import DPMSolverMultistep
 from .exponential import ell_to_time, prediction_step
-from .stochastic_base import AbstractStochasticSolver, ancestral_step, eta_h, log_rho_ddim
+from .stochastic_base import AbstractSDESolver, AbstractStochasticSolver, ancestral_step, eta_h, log_rho_ddim
 
 __all__ = ["DPMSolverMultistepSDE", "DPMSolverSDE"]
 
 
-class DPMSolverMultistepSDE(AbstractStochasticSolver, DPMSolverMultistep):
+class DPMSolverMultistepSDE(AbstractSDESolver, DPMSolverMultistep):
     """SDE-DPM-Solver++(2M) / (3M): ``dpmpp_2m_sde`` (``solver_type`` midpoint or heun) and
     ``dpmpp_3m_sde``. ``eta`` (default 1) sets the noise (0: ``dpmpp_2m`` / ``dpmpp_3m`` exactly),
     ``s_noise`` scales it. Data prediction only; one evaluation per step."""
@@ -39,8 +40,8 @@ class DPMSolverMultistepSDE(AbstractStochasticSolver, DPMSolverMultistep):
         if self.prediction != "x0":
             raise ValueError(f"dpmpp_{self.order}m_sde uses data prediction: prediction must be 'x0'; "
                              f"got {self.prediction!r}.")
-        _check_nonnegative(self.name, "eta", self.eta)
-        _check_nonnegative(self.name, "s_noise", self.s_noise)
+        check_nonnegative(self.name, "eta", self.eta)
+        check_nonnegative(self.name, "s_noise", self.s_noise)
 
     @property
     def name(self) -> str:
@@ -57,10 +58,10 @@ class DPMSolverMultistepSDE(AbstractStochasticSolver, DPMSolverMultistep):
         r1 = (state.ells[0] - state.ells[1]) / h if self.history_size >= 2 else jnp.ones_like(h)
         r0 = jnp.where(state.count >= 1, r0, 1.0)
         r1 = jnp.where(state.count >= 2, r1, 1.0)
-        return _dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1,
+        return dpm_weights(c.h, r0, r1, order, self.solver_type == "midpoint", self.history_size + 1,
                             2.0 if self.exact_third_order else 1.0)
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         x1, state = self.advance(process, t0, t1, x, self.evaluate(denoiser, t0, x, cond), state)
         h = process.log_snr(t1) - process.log_snr(t0)
@@ -73,7 +74,7 @@ class DPMSolverMultistepSDE(AbstractStochasticSolver, DPMSolverMultistep):
         return -eta_h(self.eta, process.log_snr(t1) - process.log_snr(t0))
 
 
-class DPMSolverSDE(AbstractStochasticSolver):
+class DPMSolverSDE(AbstractStochasticSolver, AbstractLinearSolver, AbstractPhasedSolver):
     """DPM-Solver++ SDE, singlestep (k-diffusion's ``dpmpp_sde``): DPM-Solver++(2S) whose two
     first-order sub-steps (to the midpoint ``lambda0 + r h`` and to ``t1``) are ancestral DDIM
     steps with noise level ``eta`` (:func:`~fastsample.solvers.stochastic_base.log_rho_ddim`);
@@ -86,12 +87,13 @@ class DPMSolverSDE(AbstractStochasticSolver):
     eta: float = 1.0
     s_noise: float = 1.0
     r: float = eqx.field(static=True, default=0.5)
+    phase: int | None = eqx.field(static=True, default=None)
 
     name: ClassVar[str] = "dpmpp_sde"
 
     def __check_init__(self):
-        _check_nonnegative(self.name, "eta", self.eta)
-        _check_nonnegative(self.name, "s_noise", self.s_noise)
+        check_nonnegative(self.name, "eta", self.eta)
+        check_nonnegative(self.name, "s_noise", self.s_noise)
         if not 0.0 < self.r < 1.0:
             raise ValueError(f"dpmpp_sde r must be in (0, 1); got {self.r}.")
 
@@ -105,7 +107,10 @@ class DPMSolverSDE(AbstractStochasticSolver):
     def nfe(self, num_steps, final_zero=False):
         return 2 * num_steps - (1 if final_zero else 0)
 
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def phases(self, num_steps, ends_at_zero):
+        return ((num_steps - 1, 0), (1, 1)) if ends_at_zero else ((num_steps, 0),)
+
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         process = denoiser.process
         x0 = denoiser(x, t0, cond)
         h = process.log_snr(t1) - process.log_snr(t0)
@@ -123,5 +128,10 @@ class DPMSolverSDE(AbstractStochasticSolver):
             z = (w1 + w2) / jnp.sqrt(jnp.abs(t0 - t1)).astype(x.dtype)
             return step(t1, x0 + (0.5 / self.r) * (x0_mid - x0), z)
 
+        def first_order():
+            return step(t1, x0, jnp.zeros_like(x))
+
+        if self.phase is not None:
+            return (second_order() if self.phase == 0 else first_order()), state
         # lax.cond on an unbatched predicate: the midpoint evaluation really is skipped
-        return jax.lax.cond(t1 == 0, lambda: step(t1, x0, jnp.zeros_like(x)), second_order), state
+        return jax.lax.cond(t1 == 0, first_order, second_order), state

@@ -1,9 +1,10 @@
 """The contract of stochastic solvers and the first-order stochastic exponential step they share.
 
-A stochastic solver's :meth:`AbstractStochasticSolver.update` takes one more argument than a
-deterministic one: the step's noise handle (:class:`fastsample.noise.StepNoise`), built by the
-``lax.scan`` driver from the scan index ``i``. Stochastic solvers run under
-:func:`fastsample.sample` (with a ``key``), not under ``diffrax.diffeqsolve``.
+A stochastic solver's :meth:`AbstractStochasticSolver.update` uses its ``noise`` argument: the
+step's noise handle (:class:`fastsample.noise.StepNoise`), built by the ``lax.scan`` driver from the
+scan index ``i``. Stochastic solvers run under :func:`fastsample.sample` (with a ``key``), not under
+``diffrax.diffeqsolve``. :class:`AbstractSDESolver` marks the ones whose step is an exponential
+step of a reverse SDE plus additive noise, with a known contraction (the SDE adjoint needs it).
 
 Every first-order stochastic update in data-prediction form is, with ``h = lambda1 - lambda0``,
 the predicted noise ``eps = (x - alpha0 x0) / sigma0`` and a standard normal ``z``,
@@ -21,30 +22,24 @@ SA-Solver's ``tau^2``). Both give DDIM at ``eta = 0`` and the DDPM posterior at 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
 
 import jax.numpy as jnp
 
 from .base import AbstractFastSolver
 
-__all__ = ["AbstractStochasticSolver", "ancestral_step", "log_rho_ddim", "log_rho_sde", "eta_h"]
+__all__ = ["AbstractStochasticSolver", "AbstractSDESolver", "ancestral_step", "log_rho_ddim", "log_rho_sde",
+           "eta_h"]
 
 
 class AbstractStochasticSolver(AbstractFastSolver):
-    """Base class of stochastic solvers: :meth:`update` takes the step's noise handle.
+    """Capability: a stochastic solver; :meth:`update` draws from its ``noise`` handle.
 
     ``fastsample.sample(..., key=...)`` runs them (a missing key is an error); the noise of step
     ``i`` comes from the scan index ``i`` (see :mod:`fastsample.noise`)."""
 
-    #: linear in the noise too, but per-step tables (:mod:`fastsample.linear_steps`) do not carry it
-    linear_steps: ClassVar[bool] = False
-
     @abc.abstractmethod
-    def update(self, denoiser, t0, t1, x, cond, state, noise):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         """One step from ``t0`` to ``t1`` with the step's noise handle ``noise``; returns ``(x1, state)``."""
-
-    def check_grid(self, process, ts) -> None:
-        """Refuse a concrete grid this solver cannot use (default: every grid is fine)."""
 
     # diffrax's contract: the step index that seeds the noise is not available there.
     def init(self, terms, t0, t1, y0, args):
@@ -52,6 +47,16 @@ class AbstractStochasticSolver(AbstractFastSolver):
             f"{self.name} is stochastic: run it with fastsample.sample(..., key=...), which gives every step its "
             "noise; diffrax.diffeqsolve cannot supply the step index."
         )
+
+
+class AbstractSDESolver(AbstractStochasticSolver):
+    """Capability: each step is an exponential step of a reverse SDE that contracts by ``rho``
+    (:func:`ancestral_step` with ``log_rho``, higher-order terms allowed) plus additive noise. The
+    SDE adjoint (:class:`fastsample.gradients.Adjoint`) integrates that SDE's adjoint."""
+
+    @abc.abstractmethod
+    def sde_log_rho(self, process, t0, t1):
+        """``log rho`` of the step from ``t0`` to ``t1``."""
 
 
 def eta_h(eta, h):

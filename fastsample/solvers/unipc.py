@@ -25,7 +25,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AbstractWrapper
+from ._shared import pad_zeros, select_order, step_ratios, vandermonde_solve
+from .base import AbstractLinearSolver, AbstractWrapper
 from .exponential import (
     AbstractMultistepSolver,
     History,
@@ -68,65 +69,20 @@ def _b_vector(hh, g, n: int):
     return [math.factorial(i) * phi(i + 1, hh) / g for i in range(1, n + 1)]
 
 
-def _solve(rs, b):
-    """``rho`` with ``sum_k rho_k r_k^n = b_n`` (``n = 0..q-1``), a transposed Vandermonde system,
-    in closed form: ``rho_k = sum_n c_kn b_n`` with ``c_k`` the coefficients of the Lagrange
-    polynomial ``L_k(r) = prod_(j != k) (r - r_j) / (r_k - r_j)`` (elementwise scalar work that
-    fuses, unlike a linear solve)."""
-    q = len(rs)
-    if q == 1:
-        return [b[0]]
-    rho = []
-    for k in range(q):
-        coeffs, denom = [jnp.ones_like(rs[k])], jnp.ones_like(rs[k])
-        for j in range(q):
-            if j != k:  # multiply by (r - r_j)
-                coeffs = [-rs[j] * coeffs[0]] + [coeffs[n - 1] - rs[j] * coeffs[n] for n in range(1, len(coeffs))] \
-                    + [coeffs[-1]]
-                denom = denom * (rs[k] - rs[j])
-        rho.append(sum(c * bn for c, bn in zip(coeffs, b[:q], strict=True)) / denom)
-    return rho
-
-
 def _predictor_rhos(q: int, rks, b):
     """UniP-q: ``rho`` for the ``q - 1`` earlier outputs (order 2: the paper's ``1/2``)."""
     if q == 1:
         return []
     if q == 2:
         return [0.5 + 0.0 * b[0]]
-    return _solve(rks[: q - 1], b)
+    return vandermonde_solve(rks[: q - 1], b)
 
 
 def _corrector_rhos(q: int, rks, b):
     """UniC-q: ``rho`` for the ``q - 1`` earlier outputs followed by the new one (``r = 1``)."""
     if q == 1:
         return [0.5 + 0.0 * b[0]]
-    return _solve(list(rks[: q - 1]) + [jnp.ones_like(b[0])], b)
-
-
-def _ratios(ells, ell_ref, h, count, first: int, n: int):
-    """``r_k = (ells[first + k - 1] - ell_ref) / h`` for ``k = 1..n``; entries not (yet) in the
-    history get distinct dummies ``-k`` (never selected; keeps the solves regular)."""
-    out = []
-    for k in range(1, n + 1):
-        valid = first + k - 1 < count
-        # inputs of the unselected branch made finite too, so that gradients stay finite
-        diff = jnp.where(valid, ells[first + k - 1], 0.0) - jnp.where(valid, ell_ref, 0.0)
-        out.append(jnp.where(valid, diff / h, -float(k)))
-    return out
-
-
-def _select(order, candidates):
-    """Pick ``candidates[q - 1]`` (equal-length lists of scalars) for the traced ``order``."""
-    stacked = jnp.stack([jnp.stack(c) for c in candidates])
-    out = stacked[0]
-    for q in range(2, len(candidates) + 1):
-        out = jnp.where(order == q, stacked[q - 1], out)
-    return out
-
-
-def _pad(values, size, like):
-    return list(values) + [jnp.zeros_like(like)] * (size - len(values))
+    return vandermonde_solve(list(rks[: q - 1]) + [jnp.ones_like(b[0])], b)
 
 
 def unic_correct(process, prediction: str, variant: str, scale, t0, x, m, cs: CorrectorState):
@@ -147,15 +103,15 @@ def unic_correct(process, prediction: str, variant: str, scale, t0, x, m, cs: Co
     hh = -h
     g = _bh(hh, variant)
     b = _b_vector(hh, g, cap)
-    rks = _ratios(hist.ells, hist.ells[0], h, hist.count, 1, cap - 1)
+    rks = step_ratios(hist.ells, hist.ells[0], h, hist.count, 1, cap - 1)
     zero = jnp.zeros_like(hh)
     cands = []
     for q in range(1, cap + 1):
         rho = _corrector_rhos(q, rks, b)
         hist_w = [rho[k] / rks[k] for k in range(q - 1)]
         # weights of (m, m_prev, earlier...) in sum_k rho_k D_k + rho_new (m - m_prev)
-        cands.append([rho[-1], -rho[-1] - sum(hist_w, zero)] + _pad(hist_w, cap - 1, zero))
-    w = _select(cs.order_prev, cands).astype(x.dtype)
+        cands.append([rho[-1], -rho[-1] - sum(hist_w, zero)] + pad_zeros(hist_w, cap - 1, zero))
+    w = select_order(cs.order_prev, cands).astype(x.dtype)
     vals = jnp.concatenate([m[None], hist.values])
     corr = jnp.tensordot(w, vals, axes=1)
     x_full = ((c.kappa1 / c.kappa0) * cs.x_prev - c.beta1 * jnp.expm1(hh) * hist.values[0]
@@ -177,7 +133,7 @@ def _check_variant(variant):
 # ----- solvers --------------------------------------------------------------------------------
 
 
-class UniPC(AbstractMultistepSolver):
+class UniPC(AbstractMultistepSolver, AbstractLinearSolver):
     """UniPC-p (Zhao et al. 2023): UniP-p multistep predictor of order ``p = order`` (1-3)
     followed, at the next step, by the UniC corrector of order ``p + 1``, at one model evaluation
     per step. ``prediction`` ``x0`` (the paper's data-prediction algorithm, default) or ``eps``;
@@ -222,18 +178,18 @@ class UniPC(AbstractMultistepSolver):
         hh = -c.h
         g = _bh(hh, self.variant)
         b = _b_vector(hh, g, max(p - 1, 1))
-        rks = _ratios(state.ells, c.ell0, c.h, state.count, 0, p - 1)
+        rks = step_ratios(state.ells, c.ell0, c.h, state.count, 0, p - 1)
         zero = jnp.zeros_like(hh)
         size = self.history_size + 1
         cands = []
         for q in range(1, p + 1):
             rho = _predictor_rhos(q, rks, b)
             coef = [-(hh * g) * rho[k] / rks[k] for k in range(q - 1)]  # weight of m_k (k = 1..q-1)
-            cands.append(_pad([-jnp.expm1(hh) - sum(coef, zero)] + coef, size, zero))
-        return _select(order, cands)
+            cands.append(pad_zeros([-jnp.expm1(hh) - sum(coef, zero)] + coef, size, zero))
+        return select_order(order, cands)
 
 
-class UniC(AbstractWrapper):
+class UniC(AbstractWrapper, AbstractLinearSolver):
     """UniC (Zhao et al. 2023, Sec. 3.2) after any multistep solver: before each of ``base``'s
     steps, the point the previous step predicted is corrected with the output just evaluated
     there (UniC-p for a step of order ``p``, so order ``p + 1``), and ``base`` then steps from the
@@ -260,7 +216,7 @@ class UniC(AbstractWrapper):
         hist = History.empty(self.base.order, x, t_end, num_steps)
         return UniCState(base_state, CorrectorState(hist, x, jnp.asarray(t_end, x.dtype), jnp.asarray(0, jnp.int32)))
 
-    def update(self, denoiser, t0, t1, x, cond, state: UniCState):
+    def update(self, denoiser, t0, t1, x, cond, state: UniCState, noise=None):
         base, process, cs = self.base, denoiser.process, state.corrector
         m = base.evaluate(denoiser, t0, x, cond)
         x = unic_correct(process, base.prediction, self.variant, self.corrector_scale, t0, x, m, cs)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from ..denoisers import convert_prediction
-from .base import AbstractFastSolver, AbstractWrapper
+from .base import AbstractFastSolver, AbstractLinearSolver, AbstractWrapper
 from .exponential import DDIM, AbstractMultistepSolver, History
 
 __all__ = ["HB", "GHVB", "TimeShift", "EpsScaling"]
@@ -76,7 +76,7 @@ class _HBState(NamedTuple):
     count: jax.Array  # momentum updates made so far
 
 
-class HB(AbstractWrapper):
+class HB(AbstractWrapper, AbstractLinearSolver):
     """Polyak's heavy-ball momentum applied to any solver (Wizadwongsa et al., 2024, Sec. 4.1).
 
     Every step of the base is read as a first-order exponential step ``x1 = A x + B m_eff``
@@ -114,8 +114,8 @@ class HB(AbstractWrapper):
         return _HBState(self.base.init_state(denoiser, x, cond, t_end, num_steps), jnp.zeros_like(x),
                         jnp.asarray(0, jnp.int32))
 
-    def update(self, denoiser, t0, t1, x, cond, state):
-        x1_base, base_state = self.base.update(denoiser, t0, t1, x, cond, state.base)
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
+        x1_base, base_state = self.base.update(denoiser, t0, t1, x, cond, state.base, noise)
         a, b = step_coefficients(denoiser.process, t0, t1, "x0")
         bad = ~(jnp.isfinite(a) & jnp.isfinite(b) & (b != 0))
         a = jnp.where(bad, 0.0, a).astype(x.dtype)
@@ -155,7 +155,7 @@ def _extrapolation(p: int) -> list[float]:
     return [(-1.0) ** (p - i + 1) * math.comb(p, i) for i in range(p)]
 
 
-class GHVB(AbstractWrapper):
+class GHVB(AbstractWrapper, AbstractLinearSolver):
     """Generalised heavy ball (Wizadwongsa et al., 2024, Sec. 4.2) on a multistep solver.
 
     The momentum acts on the raw model outputs, ``v_n = (1 - beta) v_{n-1} + beta m_n`` (``v_0 =
@@ -202,7 +202,7 @@ class GHVB(AbstractWrapper):
         return _GHVBState(core.init_state(denoiser, x, cond, t_end, num_steps),
                           jnp.zeros((core.order,) + x.shape, x.dtype), jnp.asarray(0, jnp.int32))
 
-    def update(self, denoiser, t0, t1, x, cond, state):
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
         core = self._core
         k = core.order
         m = core.evaluate(denoiser, t0, x, cond)
@@ -235,8 +235,8 @@ class _AbstractDenoiserWrapper(AbstractWrapper):
     def init_state(self, denoiser, x, cond, t_end, num_steps):
         return self.base.init_state(self.wrap(denoiser), x, cond, t_end, num_steps)
 
-    def update(self, denoiser, t0, t1, x, cond, state):
-        return self.base.update(self.wrap(denoiser), t0, t1, x, cond, state)
+    def update(self, denoiser, t0, t1, x, cond, state, noise=None):
+        return self.base.update(self.wrap(denoiser), t0, t1, x, cond, state, noise)
 
 
 class _DenoiserView(eqx.Module):
@@ -329,8 +329,7 @@ class TimeShift(_AbstractDenoiserWrapper):
         if not isinstance(self.num_candidates, int) or self.num_candidates < 2:
             raise ValueError(f"TimeShift num_candidates must be an integer >= 2; got {self.num_candidates!r}.")
 
-    prefix: ClassVar[str] = "ts"
-    linear_steps: ClassVar[bool] = False  # the shift looks at the variance of x
+    prefix: ClassVar[str] = "ts"  # not linear: the shift looks at the variance of x
 
     def wrap(self, denoiser):
         return _TimeShifted(denoiser, self.window, self.cutoff, self.num_candidates)
@@ -356,7 +355,7 @@ class _EpsScaled(_DenoiserView):
         return x0 if target == "x0" else convert_prediction(self.process, x, t, x0, "x0", target)
 
 
-class EpsScaling(_AbstractDenoiserWrapper):
+class EpsScaling(_AbstractDenoiserWrapper, AbstractLinearSolver):
     """Epsilon Scaling (Ning et al., 2024) around any solver.
 
     The model's noise prediction is divided by ``lambda(t) = scale + slope * t`` (the paper's
