@@ -35,10 +35,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastsample as fs  # noqa: E402
-from fastsample.models import ClassConditionalMixture  # noqa: E402
 from fastsample.learned import ReferenceSet, make_reference  # noqa: E402
 from fastsample.learned.dc_solver import CascadeRegression, DCSolver, fit_dc_solver  # noqa: E402
 from fastsample.learned.fitting import base_grid  # noqa: E402
+from fastsample.models import ClassConditionalMixture  # noqa: E402
 from fastsample.results import environment, markdown_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"

@@ -33,8 +33,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fastsample as fs  # noqa: E402
-from fastsample.learned import fit_solver, make_reference  # noqa: E402
-from fastsample.learned.fitting import WARM_STARTABLE  # noqa: E402
+from fastsample.learned import (  # noqa: E402
+    fit_solver,
+    get_method,  # noqa: E402
+    make_reference,
+)
 from fastsample.models import GaussianMixture  # noqa: E402
 from fastsample.results import environment, markdown_table  # noqa: E402
 
@@ -106,7 +109,7 @@ def run(quick: bool, steps: int, n_train: int, n_val: int, lr: float):
                 solver, report = fit_solver(method, denoiser, train, val, nfe, base=base or "ipndm",
                                             schedule=schedule, schedule_options=options, steps=steps,
                                             batch_size=min(128, n_train), eval_every=50, optimizer=opt,
-                                            warm_start=method in WARM_STARTABLE)
+                                            warm_start=get_method(method).contains_base_grid)
                 row = {"process": pname, "method": method if method != "bespoke_rk1" and method != "bespoke_rk2"
                        else "bespoke", "nfe": nfe, "base": f"{report.base} ({schedule})",
                        "rmse": report.fitted_rmse, "base_rmse": report.base_rmse, "params": report.num_params,

@@ -61,14 +61,15 @@ def run(quick: bool):
                 if window is not None and window >= n:
                     continue
                 for tol in tols:
-                    x, info = sample_picard(denoiser, x_T, solver, nfe=n, window=window, tol=tol)
+                    solution = sample_picard(denoiser, x_T, solver, nfe=n, window=window, tol=tol)
+                    x, info = solution.x, solution.stats
                     t_par = timed(lambda s=solver, n=n, w=window, tol=tol: sample_picard(
-                        denoiser, x_T, s, nfe=n, window=w, tol=tol, return_info=False), repeats=2)
+                        denoiser, x_T, s, nfe=n, window=w, tol=tol).x, repeats=2)
                     rmse = float(jnp.sqrt(jnp.mean((x - seq) ** 2)))
                     rows.append({
-                        "solver": solver, "N": n, "window": info.window, "tol": tol,
-                        "iters": info.iterations, "N/iters": round(n / info.iterations, 2), "nfe": info.nfe,
-                        "nfe/N": round(info.nfe / n, 2), "converged": info.converged, "rmse": rmse,
+                        "solver": solver, "N": n, "window": info["window"], "tol": tol,
+                        "iters": info["iterations"], "N/iters": round(n / info["iterations"], 2), "nfe": info["nfe"],
+                        "nfe/N": round(info["nfe"] / n, 2), "converged": info["converged"], "rmse": rmse,
                         "seq_s": round(t_seq, 4), "picard_s": round(t_par, 4),
                     })
                     print(rows[-1], flush=True)

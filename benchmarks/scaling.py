@@ -2,7 +2,7 @@
 
 For the digits Gaussian mixture (64-D, 10 full-covariance components): samples per second of
 ``fastsample.sample`` (``dpmpp_2m``, NFE 10) with the batch sharded over a ``"data"`` mesh of
-1, 2, 4, 8 devices, and steps per second of ``fastsample.training.fit`` fitting a learned grid
+1, 2, 4, 8 devices, and steps per second of ``fastsample.optimization.fit`` fitting a learned grid
 (LD3-style, ``dpmpp_2m`` at NFE 5, endpoint loss) with its batch sharded the same way. Each device
 count runs in its own process with that many simulated CPU devices (``JAX_NUM_CPU_DEVICES``); the
 simulated devices share the machine's cores, so on CPU this measures the cost of sharding, not a
@@ -36,7 +36,7 @@ def worker(args) -> dict:
     from fastsample.distributed import data_mesh
     from fastsample.learned.parametrized import LearnedGrid
     from fastsample.models import GaussianMixture
-    from fastsample.training import fit
+    from fastsample.optimization import fit
 
     devices = jax.device_count()
     mesh = data_mesh() if devices > 1 else None  # one device: the plain (unsharded) path

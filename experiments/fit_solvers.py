@@ -18,8 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from fastsample.config import ExperimentConfig, build_model, build_process
-from fastsample.learned import fit_solver, make_reference, save_solver
-from fastsample.learned.fitting import WARM_STARTABLE
+from fastsample.learned import fit_solver, get_method, make_reference, save_solver
 from fastsample.results import markdown_table, write_rows
 
 COLUMNS = ["method", "base", "nfe", "params", "base_rmse", "rmse", "improvement", "fit_seconds"]
@@ -48,7 +47,8 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
                 schedule_options=cfg.schedule_options, final_zero=fit.final_zero, loss=fit.loss,
                 optimizer=optax.adam(optax.cosine_decay_schedule(fit.learning_rate, fit.steps)),
                 steps=fit.steps, batch_size=min(fit.batch_size, fit.num_train), eval_every=fit.eval_every,
-                patience=fit.patience, seed=cfg.seed, warm_start=fit.warm_start and method in WARM_STARTABLE,
+                patience=fit.patience, seed=cfg.seed,
+                warm_start=fit.warm_start and get_method(method).contains_base_grid,
                 checkpoint_dir=Path(fit.checkpoint_dir).resolve() / cfg.name / tag,
                 log_path=out / "logs" / f"{tag}.jsonl", progress=False,
             )

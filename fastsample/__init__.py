@@ -4,6 +4,7 @@ The public API is re-exported here; everything else is private.
 """
 
 from . import (
+    checkpoints,
     data,
     distributed,
     gradients,
@@ -13,12 +14,12 @@ from . import (
     metrics,
     models,
     noise,
+    optimization,
     parallel,
     plan,
     processes,
     solvers,
     timesteps,
-    training,
 )
 from .denoisers import Denoiser, Thresholding, convert_prediction
 from .gradients import available_gradients
@@ -70,6 +71,7 @@ __all__ = [
     "available_solvers",
     "bdia_invert",
     "bdia_sample",
+    "checkpoints",
     "convert_prediction",
     "data",
     "distributed",
@@ -84,6 +86,7 @@ __all__ = [
     "metrics",
     "models",
     "noise",
+    "optimization",
     "parallel",
     "plan",
     "prior",
@@ -94,5 +97,4 @@ __all__ = [
     "solve",
     "solvers",
     "timesteps",
-    "training",
 ]

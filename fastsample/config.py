@@ -159,10 +159,6 @@ class ProcessConfig:
     options: dict = field(default_factory=dict)
 
 
-#: learned-solver methods (``fastsample.learned.METHODS``)
-FIT_METHODS = ("learned_grid", "bespoke_rk1", "bespoke_rk2", "bns", "dode", "iia")
-
-
 @dataclass(frozen=True)
 class FitConfig:
     """Fitting learned solvers (``fastsample fit``): ``methods`` at every NFE of the experiment,
@@ -185,10 +181,12 @@ class FitConfig:
     checkpoint_dir: str = "checkpoints/fits"
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in FIT_METHODS]
+        from .learned.methods import METHODS  # the registry, with any method a user registered
+
+        bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"fit.methods has unknown method(s) {bad or self.methods}; "
-                              f"allowed: {', '.join(FIT_METHODS)}.")
+                              f"allowed: {', '.join(METHODS)}.")
         for key in ("num_train", "num_val", "steps", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"fit.{key} must be >= 1; got {getattr(self, key)}.")

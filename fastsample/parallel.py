@@ -202,7 +202,7 @@ def _check_window(window, m: int, mesh) -> int:
     if mesh is not None:
         if not isinstance(mesh, Mesh) or "data" not in mesh.axis_names:
             raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis 'data' "
-                             f"(fastsample.training.data_mesh()); got {mesh!r}.")
+                             f"(fastsample.distributed.data_mesh()); got {mesh!r}.")
         devices = int(mesh.shape["data"])
     if window is None:
         window = m - m % devices

@@ -7,7 +7,7 @@ import pytest
 
 import fastsample.models.training as training
 from fastsample.config import TrainConfig, config_from_dict
-from fastsample.models.checkpoints import CheckpointStore, load_network, read_meta
+from fastsample.models.checkpoints import NetworkCheckpoints, load_network, read_meta
 
 TINY = {"name": "tiny", "data": "moons", "toy_samples": 1000, "steps": 40, "batch_size": 32, "steps_per_call": 10,
         "save_every": 20, "warmup_steps": 5, "lr_schedule": "constant",
@@ -41,7 +41,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, no_pickle):
     cfg = _cfg(tmp_path)
     trained, state, _ = training.train(cfg, progress=False, stop_at=20)
     run = tmp_path / "tiny"
-    store = CheckpointStore(run)
+    store = NetworkCheckpoints(run)
     assert store.steps() == [20]
     template = jax.tree.map(jnp.zeros_like, state)
     restored = store.restore(template)
@@ -65,7 +65,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
 
     # stopped at step 30 (a chunk boundary between checkpoints), then resumed
     _, part, _ = training.train(cfg, progress=False, run_dir=tmp_path / "stopped", stop_at=30)
-    assert int(part.step) == 30 and CheckpointStore(tmp_path / "stopped").latest_step() == 30
+    assert int(part.step) == 30 and NetworkCheckpoints(tmp_path / "stopped").latest_step() == 30
     _, resumed, resumed_losses = training.train(cfg, progress=False, run_dir=tmp_path / "stopped")
     _assert_trees_identical(resumed, full)
     assert resumed_losses == full_losses[-len(resumed_losses):] and len(resumed_losses) == 1
@@ -86,7 +86,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
             training.train(cfg, progress=False, run_dir=tmp_path / "interrupted")
     finally:
         training.train_steps = original
-    assert CheckpointStore(tmp_path / "interrupted").latest_step() == 20
+    assert NetworkCheckpoints(tmp_path / "interrupted").latest_step() == 20
     _, resumed, _ = training.train(cfg, progress=False, run_dir=tmp_path / "interrupted")
     _assert_trees_identical(resumed, full)
 

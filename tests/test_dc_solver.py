@@ -9,10 +9,9 @@ import pytest
 from _helpers import assert_nfe_matches_calls, counting
 
 import fastsample as fs
-from fastsample.models import ClassConditionalMixture
 from fastsample.learned import ReferenceSet, load_solver, make_reference, save_solver
 from fastsample.learned.dc_solver import CascadeRegression, DCSolver, compensate, fit_dc_solver, lagrange_weights
-from fastsample.models import GaussianMixture
+from fastsample.models import ClassConditionalMixture, GaussianMixture
 from fastsample.solvers.exponential import History
 
 

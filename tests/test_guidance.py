@@ -7,8 +7,7 @@ import pytest
 
 import fastsample as fs
 from fastsample.guidance import classifier_free_guidance, fix_condition
-from fastsample.models import ClassConditionalMixture
-from fastsample.models import GaussianMixture
+from fastsample.models import ClassConditionalMixture, GaussianMixture
 
 MEANS = np.array([[1.5, -0.5], [-1.0, 2.0]])
 VARS = np.array([0.3, 0.8])

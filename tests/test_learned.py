@@ -244,7 +244,7 @@ def test_fit_solver_refuses_mismatched_reference_and_method(x64):
         fit_solver("bns", denoiser, train, val, 4, final_zero=False, loss="local")
     with pytest.raises(ValueError, match="bespoke_rk2 uses 2 evaluations per step; nfe=5 is odd"):
         fit_solver("bespoke_rk2", denoiser, train, val, 5, final_zero=False)
-    with pytest.raises(ValueError, match="warm_start applies to bns, bespoke_rk1, bespoke_rk2; not to dode"):
+    with pytest.raises(ValueError, match="warm_start applies to bespoke_rk1, bespoke_rk2, bns; not to dode"):
         fit_solver("dode", denoiser, train, val, 4, final_zero=False, warm_start=True)
     ts = np.asarray(fs.get_timesteps(process, 4, "logsnr_uniform"))
     with pytest.raises(ValueError, match="do not pass `timesteps` too"):

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..denoisers import Denoiser
-from ..timesteps import get_timesteps
+from ..grid import Grid
+from ..timesteps import get_timesteps, on_host
 
 __all__ = [
     "AYSResult",
@@ -81,6 +82,11 @@ class AYSResult(NamedTuple):
     stages: list
     history: list
     val_klub: list
+
+    @property
+    def grid(self) -> Grid:
+        """The final schedule as a :class:`~fastsample.Grid` (``fs.sample(..., grid=result.grid)``)."""
+        return Grid.from_times(self.timesteps, schedule="ays")
 
     def timesteps_for(self, process, num_steps: int, **options):
         """The final table interpolated log-linearly to ``num_steps`` steps in ``process``'s time."""
@@ -417,8 +423,9 @@ def optimize_ays(
         key: PRNG key of every Monte-Carlo draw.
         sigma_max, sigma_min: the ends in EDM noise level (default: ``sigma_edm`` at the process's
             ``t_max`` / ``t_min``; they must be finite and positive, e.g. flow matching needs them).
-        init: ``"logsnr_uniform"``, ``"karras"`` (rho 7) or an explicit decreasing array of
-            ``num_steps + 1`` sigmas from ``sigma_max`` to ``sigma_min``.
+        init: ``"logsnr_uniform"``, ``"karras"`` (rho 7), an explicit decreasing array of
+            ``num_steps + 1`` sigmas from ``sigma_max`` to ``sigma_min``, or a
+            :class:`~fastsample.Grid` of ``num_steps`` steps between the ends.
         num_samples: Monte-Carlo draws per interval per sweep (fresh each sweep).
         val_samples: draws of the held-out estimate (default ``2 num_samples``; fixed for the run).
         sweeps, patience: first-stage sweeps and early stopping on the held-out KLUB.
@@ -447,6 +454,8 @@ def optimize_ays(
     train, val = data[: data.shape[0] - n_val], data[data.shape[0] - n_val:]
     process = denoiser.process
     s_max, s_min = _ends(process, sigma_max, sigma_min)
+    if isinstance(init, Grid):
+        init = on_host(process.sigma_edm, init.times)
     sigmas = _init(init, num_steps, s_max, s_min)
     k_train, k_val = jax.random.split(key)
     val_cost = klub_cost(denoiser, val, key=k_val, num_samples=val_samples, is_c=is_c, cond=cond)

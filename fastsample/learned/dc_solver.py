@@ -203,10 +203,17 @@ class DCSolver(AbstractWrapper, AbstractLinearSolver, AbstractFittedSolver):
     def _node(self, process, t):
         return t if self.variable == "t" else process.log_snr(t)
 
-    def init_state(self, denoiser, x, cond, t_end, num_steps):
+    def check_grid(self, process, times) -> None:
+        self.base.check_grid(process, times)
+        self._check_steps(len(times) - 1)
+
+    def _check_steps(self, num_steps):
         if isinstance(num_steps, int) and num_steps != self.steps:
             raise ValueError(f"{self.name} has {self.steps} ratios (one per step); the grid has {num_steps} steps. "
                              f"Use nfe={self.nfe(self.steps)} or a grid of {self.steps + 1} times.")
+
+    def init_state(self, denoiser, x, cond, t_end, num_steps):
+        self._check_steps(num_steps)
         base = self.base.init_state(denoiser, x, cond, t_end, num_steps)
         return DCState(base, History.empty(self.dc_order, x, t_end, num_steps))
 

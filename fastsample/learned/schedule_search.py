@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..denoisers import Denoiser
+from ..grid import Grid
 from ..sampling import sample
-from ..solvers import get_solver
+from ..solvers import AbstractFastSolver, get_solver
 from ..terms import ProbabilityFlowTerm
-from ..timesteps import get_timesteps
 from .reference import reference_trajectory
 
 __all__ = ["SearchResult", "search_schedule", "jump_costs", "min_cost_path"]
@@ -41,13 +41,20 @@ __all__ = ["SearchResult", "search_schedule", "jump_costs", "min_cost_path"]
 
 class SearchResult(NamedTuple):
     """``timesteps``: the searched grid; ``path``: its indices in ``candidates``; ``cost``: the
-    DP's total; ``costs``: the ``(M + 1, M + 1)`` jump-cost matrix (``inf`` where ``j <= i``)."""
+    DP's total; ``costs``: the ``(M + 1, M + 1)`` jump-cost matrix (``inf`` where ``j <= i``);
+    ``nfe``: the budget searched for."""
 
     timesteps: np.ndarray
     path: np.ndarray
     cost: float
     candidates: np.ndarray
     costs: np.ndarray
+    nfe: int | None = None
+
+    @property
+    def grid(self) -> Grid:
+        """The searched schedule as a :class:`~fastsample.Grid` (``fs.sample(..., grid=result.grid)``)."""
+        return Grid.from_times(self.timesteps, budget=self.nfe)
 
 
 def min_cost_path(costs, num_steps: int) -> tuple[np.ndarray, float]:
@@ -98,7 +105,7 @@ def jump_costs(denoiser: Denoiser, x_T, candidates, *, base: str = "ddim", cond=
     ``j <= i``. ``teacher``: the ``(N, M + 1, *shape)`` teacher states, computed when not given."""
     solver = get_solver(base)
     process = denoiser.process
-    ts = _check_candidates(process, candidates)
+    ts = _check_candidates(process, candidates.times if isinstance(candidates, Grid) else candidates)
     x_T = jnp.asarray(x_T)
     if teacher is None:
         teacher = teacher_states(denoiser, x_T, ts, cond=cond)
@@ -145,35 +152,34 @@ def search_schedule(
     Arguments:
         x_T: ``(N, *shape)`` starting noise at ``candidates[0]`` (``t_start``).
         nfe: the budget; ``base`` turns it into the number of steps (``get_solver(base).steps_for_nfe``).
-        candidates: decreasing candidate times (default: ``num_candidates`` intervals uniform in
-            log-SNR from ``t_start`` to ``t_end``, defaults ``t_max``/``t_min``).
+        candidates: decreasing candidate times or a :class:`~fastsample.Grid` (default:
+            ``num_candidates`` intervals uniform in log-SNR from ``t_start`` to ``t_end``, defaults
+            ``t_max``/``t_min``).
 
     Returns:
-        :class:`SearchResult`; ``result.timesteps`` goes to ``fs.sample(..., timesteps=...)``.
+        :class:`SearchResult`; ``result.grid`` goes to ``fs.sample(..., grid=...)``.
     """
     if not isinstance(denoiser, Denoiser):
         raise ValueError(f"denoiser must be a fastsample.Denoiser; got {type(denoiser).__name__}.")
     solver = get_solver(base)
-    if not hasattr(solver, "steps_for_nfe"):
+    if not isinstance(solver, AbstractFastSolver):
         raise ValueError(f"base must be a fixed-grid solver; got {base!r}.")
     steps = solver.steps_for_nfe(nfe)
     process = denoiser.process
     if candidates is None:
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates must be an integer >= 1; got {num_candidates!r}.")
-        with jax.enable_x64(True):
-            candidates = np.asarray(get_timesteps(process, num_candidates, "logsnr_uniform", t_start=t_start,
-                                                  t_end=t_end), np.float64)
+        candidates = Grid.from_schedule(process, num_candidates, "logsnr_uniform", t_start=t_start, t_end=t_end)
     elif t_start is not None or t_end is not None:
         raise ValueError("pass either explicit `candidates` or t_start/t_end, not both.")
-    ts = _check_candidates(process, candidates)
+    ts = _check_candidates(process, candidates.times if isinstance(candidates, Grid) else candidates)
     if steps > ts.shape[0] - 1:
         raise ValueError(f"{base} needs {steps} steps for nfe={nfe} but there are only {ts.shape[0] - 1} candidate "
                          "intervals; pass more candidates.")
     x_T = jnp.asarray(x_T)
     costs = jump_costs(denoiser, x_T, ts, base=base, cond=cond)
     path, total = min_cost_path(costs, steps)
-    return SearchResult(ts[path], path, total, ts, costs)
+    return SearchResult(ts[path], path, total, ts, costs, nfe)
 
 
 def _check_candidates(process, candidates) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Analytic and learned models.
 
-``GaussianMixture`` and ``ClassConditionalMixture`` are imported eagerly; the Flax networks, their training and checkpoints
-(``MLP``, ``UNet``, ``EDMObjective``, ``FlowMatchingObjective``, ``TrainedNetwork``, ``train``,
+``GaussianMixture`` and ``ClassConditionalMixture`` are imported eagerly; the Flax networks, their
+training and checkpoints (``MLP``, ``UNet``, ``EDMObjective``, ``FlowMatchingObjective``, ``TrainedNetwork``, ``train``,
 ``load_network``, ...) load on first use, so ``import fastsample`` does not import Flax or orbax.
 """
 
@@ -21,7 +21,7 @@ _LAZY = {
     "TrainState": "training",
     "train": "training",
     "evaluate": "training",
-    "CheckpointStore": "checkpoints",
+    "NetworkCheckpoints": "checkpoints",
     "load_network": "checkpoints",
 }
 

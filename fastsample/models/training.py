@@ -399,9 +399,8 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
     """
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
-    from .checkpoints import CheckpointStore
+    from ..optimization import run_steps
+    from .checkpoints import NetworkCheckpoints
 
     x_np, labels_np = training_data(cfg)
     spec = network_spec(cfg, x_np.shape[1])
@@ -409,7 +408,7 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
     optimizer = make_optimizer(cfg.learning_rate, cfg.steps if cfg.lr_schedule == "cosine" else 0,
                                cfg.warmup_steps, cfg.lr_schedule, cfg.grad_clip, cfg.weight_decay)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
-    store = CheckpointStore(run_dir, keep=cfg.keep_checkpoints)
+    store = NetworkCheckpoints(run_dir, keep=cfg.keep_checkpoints)
     config_dict = dataclasses.asdict(cfg)
     template = init_train_state(fresh.net, optimizer, cfg.seed)
     state = store.restore_latest(template, spec, config_dict)
@@ -423,32 +422,25 @@ def train(cfg, *, progress: bool = True, stop_at: int | None = None, run_dir=Non
         state, x_data, labels = replicate((state, x_np, labels_np), mesh)
         if cfg.batch_size % mesh.shape["data"] == 0:
             sharding = batch_sharding(mesh)
-    step = int(state.step)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     losses = []
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.name}", disable=not progress)
-    try:
-        while step < end:
-            nxt = min(_next_boundary(step, cfg.steps, cfg.steps_per_call, cfg.save_every), end)
-            state, chunk_losses = train_steps(
-                state, fresh.net, fresh.objective, optimizer, x_data, labels, nxt - step, cfg.batch_size,
-                cfg.ema_decay, cfg.label_dropout, cfg.network.num_classes, cfg.dequantize, sharding,
-            )
-            loss = float(jnp.mean(chunk_losses))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is not finite at step {nxt}; lower learning_rate.")
-            losses.append(loss)
-            bar.update(nxt - step)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            step = nxt
-            if step % cfg.save_every == 0 or step == end:
-                store.save(state, spec, config_dict)
-    except KeyboardInterrupt:
-        if int(state.step) > store.latest_step():
-            store.save(state, spec, config_dict)
-        raise
-    finally:
-        bar.close()
+
+    def advance(state, step, stop):
+        return train_steps(state, fresh.net, fresh.objective, optimizer, x_data, labels, stop - step, cfg.batch_size,
+                           cfg.ema_decay, cfg.label_dropout, cfg.network.num_classes, cfg.dequantize, sharding)
+
+    def after(state, stop, chunk_losses):
+        loss = float(jnp.mean(chunk_losses))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is not finite at step {stop}; lower learning_rate.")
+        losses.append(loss)
+        return state, False, {"loss": f"{loss:.4f}"}
+
+    state, _, _ = run_steps(advance, state, int(state.step), end, after=after,
+                            boundary=lambda step: _next_boundary(step, cfg.steps, cfg.steps_per_call, cfg.save_every),
+                            save=lambda state, step: store.save(state, spec, config_dict),
+                            save_due=lambda step: step % cfg.save_every == 0, desc=f"train {cfg.name}",
+                            total=cfg.steps, progress=progress)
     if jax.process_count() > 1:  # replicated global arrays -> this process's own copies
         state = jax.tree.map(lambda a: jnp.asarray(gather(a)), state)
     trained = TrainedNetwork(fresh.net.replace(state.ema), fresh.objective, spec["dim"],

@@ -1,6 +1,8 @@
-"""The optax loop that fits solver parameters: one jitted step, data sharded over a mesh axis
-``"data"`` with parameters replicated, held-out validation with early stopping, JSON-lines
-metrics, and orbax checkpoints from which a stopped fit resumes to the same result."""
+"""Optimisation: the one training loop (:func:`run_steps`) and the optax fit of solver parameters
+on top of it (:func:`fit`): one jitted step, data sharded over a mesh axis ``"data"`` with
+parameters replicated, held-out validation with early stopping, JSON-lines metrics, and
+checkpoints (:class:`fastsample.checkpoints.CheckpointStore`) from which a stopped fit resumes to
+the same result. Network training (:func:`fastsample.models.train`) runs on the same loop."""
 
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from .distributed import data_mesh, gather, is_main_process, replicate, resolve_mesh, shard_batch
+from .distributed import gather, is_main_process, replicate, resolve_mesh, shard_batch
 
-__all__ = ["FitResult", "fit", "data_mesh"]
+__all__ = ["FitResult", "fit", "run_steps", "FIT_FORMAT"]
+
+#: Format tag of a solver fit's checkpoints.
+FIT_FORMAT = "fastsample-fit/1"
 
 
 class FitResult(NamedTuple):
@@ -121,9 +126,13 @@ def fit(
     }
     if mesh is not None:  # checkpoints hold (and restore into) arrays replicated on the mesh
         state = replicate(state, mesh)
-    manager = _manager(checkpoint_dir, checkpoint_every)
-    if manager is not None and manager.latest_step() is not None:
-        state = _restore(manager, state)
+    store = None
+    if checkpoint_dir is not None:
+        from .checkpoints import CheckpointStore
+
+        store = CheckpointStore(checkpoint_dir, keep=2, format=FIT_FORMAT)
+        if store.latest_step() >= 0:
+            state = store.restore({"state": state}, uncommitted=False)["state"]
     start = int(state["step"])
     history = _read_log(log_path, upto=start)
     if log_path is not None and not is_main_process():
@@ -132,68 +141,85 @@ def fit(
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    params, opt_state = state["params"], state["opt_state"]
-    best_params, best_val, bad = state["best_params"], float(state["best_val"]), int(state["bad_evals"])
-    stopped, t0, done = False, time.perf_counter(), start
-    if val is not None and start == 0 and not np.isfinite(best_val):  # the starting point is a candidate too
-        best_val = float(val_loss_fn(params, val))
-        history.append({"step": 0, "val_loss": best_val, "seconds": 0.0})
+    t0 = time.perf_counter()
+    state = {**state, "best_val": float(state["best_val"]), "bad_evals": int(state["bad_evals"])}
+    if val is not None and start == 0 and not np.isfinite(state["best_val"]):  # the start is a candidate too
+        state["best_val"] = float(val_loss_fn(state["params"], val))
+        history.append({"step": 0, "val_loss": state["best_val"], "seconds": 0.0})
         _append_log(log_path, history[-1])
-    bar = tqdm(range(start, steps), desc="fit", disable=not progress, initial=start, total=steps)
-    loss = jnp.nan
-    for step in bar:
-        params, opt_state, loss = step_fn(params, opt_state, step, train)
-        done = step + 1
-        if done % eval_every == 0 or done == steps:
-            record = {"step": done, "train_loss": float(loss), "seconds": round(time.perf_counter() - t0, 3)}
-            if val is not None:
-                v = float(val_loss_fn(params, val))
-                record["val_loss"] = v
-                if v < best_val:
-                    best_val, best_params, bad = v, params, 0
-                else:
-                    bad += 1
-            history.append(record)
-            _append_log(log_path, record)
-            bar.set_postfix(loss=f"{float(loss):.3g}", val=f"{record.get('val_loss', float('nan')):.3g}")
-            stopped = patience is not None and bad >= patience
-        if manager is not None and (done % checkpoint_every == 0 or done == steps or stopped):
-            snapshot = {"params": params, "opt_state": opt_state, "best_params": best_params,
-                        "step": jnp.asarray(done), "best_val": jnp.asarray(best_val), "bad_evals": jnp.asarray(bad)}
-            _save(manager, done, snapshot if mesh is None else replicate(snapshot, mesh))
-        if stopped:
-            break
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-    final = best_params if val is not None and np.isfinite(best_val) else params
+
+    def advance(state, step, stop):
+        params, opt_state, loss = step_fn(state["params"], state["opt_state"], step, train)
+        return {**state, "params": params, "opt_state": opt_state}, loss
+
+    def after(state, done, loss):
+        if not (done % eval_every == 0 or done == steps):
+            return state, False, None
+        record = {"step": done, "train_loss": float(loss), "seconds": round(time.perf_counter() - t0, 3)}
+        if val is not None:
+            v = float(val_loss_fn(state["params"], val))
+            record["val_loss"] = v
+            if v < state["best_val"]:
+                state = {**state, "best_val": v, "best_params": state["params"], "bad_evals": 0}
+            else:
+                state = {**state, "bad_evals": state["bad_evals"] + 1}
+        history.append(record)
+        _append_log(log_path, record)
+        stop = patience is not None and state["bad_evals"] >= patience
+        return state, stop, {"loss": f"{float(loss):.3g}", "val": f"{record.get('val_loss', float('nan')):.3g}"}
+
+    def save(state, done):
+        snapshot = {**state, "step": jnp.asarray(done), "best_val": jnp.asarray(state["best_val"]),
+                    "bad_evals": jnp.asarray(state["bad_evals"])}
+        store.save(done, {"state": snapshot if mesh is None else replicate(snapshot, mesh)})
+
+    state, done, stopped = run_steps(advance, state, start, steps, after=after, save=None if store is None else save,
+                                     save_due=lambda step: step % checkpoint_every == 0, desc="fit",
+                                     progress=progress)
+    best_val, params = state["best_val"], state["params"]
+    final = state["best_params"] if val is not None and np.isfinite(best_val) else params
     if jax.process_count() > 1:  # replicated global arrays -> this process's own copies
         final, params = jax.tree.map(lambda a: jnp.asarray(gather(a)), (final, params))
     return FitResult(final, params, history, done, best_val, stopped)
 
 
-def _manager(directory, every):
-    if directory is None:
-        return None
-    import orbax.checkpoint as ocp
+def run_steps(advance, state, start: int, end: int, *, boundary=None, after=None, save=None, save_due=None,
+              desc: str = "fit", total: int | None = None, progress: bool = True):
+    """The training loop of every fit in fastsample (solver parameters and networks).
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).resolve(), options=options)
-
-
-def _save(manager, step, state):
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-
-
-def _restore(manager, like):
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
-                                                           sharding=getattr(a, "sharding", None)), like)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-    return restored
+    From step ``start`` to ``end``: ``state, out = advance(state, step, stop)`` runs the steps
+    ``[step, stop)`` with ``stop = boundary(step)`` (default ``step + 1``; it must depend on the
+    step count only, so that a resumed run runs the same chunks); then ``state, stop_now, postfix =
+    after(state, stop, out)`` evaluates, logs and decides on early stopping; ``save(state, step)``
+    checkpoints when ``save_due(step)``, at the end, on early stopping, and on an interrupt
+    (Ctrl-C) after the last completed chunk. Returns ``(state, step, stopped_early)``.
+    """
+    bar = tqdm(total=end if total is None else total, initial=start, desc=desc, disable=not progress)
+    step = saved = start
+    stopped = False
+    try:
+        while step < end:
+            stop = min(step + 1 if boundary is None else boundary(step), end)
+            state, out = advance(state, step, stop)
+            postfix = None
+            if after is not None:
+                state, stopped, postfix = after(state, stop, out)
+            bar.update(stop - step)
+            if postfix:
+                bar.set_postfix(postfix)
+            step = stop
+            if save is not None and (step == end or stopped or (save_due is not None and save_due(step))):
+                save(state, step)
+                saved = step
+            if stopped:
+                break
+    except KeyboardInterrupt:
+        if save is not None and step > saved:
+            save(state, step)
+        raise
+    finally:
+        bar.close()
+    return state, step, stopped
 
 
 def _read_log(path, upto: int) -> list:
