@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._compat import is_traced
+from ._compat import ValueCache, is_traced
 from .processes import AbstractProcess
 from .timesteps import on_host, schedule_times
 
@@ -34,6 +34,8 @@ __all__ = ["Grid", "default_choice", "DEFAULT_SOLVER", "DEFAULT_SCHEDULE", "DEFA
 #: schedule defined there: UniPC-3 on the beta schedule.
 DEFAULT_SOLVER, DEFAULT_SCHEDULE = "ipndm", "ays"
 DEFAULT_NFE = 10
+#: grids of named schedules already computed (by process, steps, schedule and options)
+_SCHEDULES = ValueCache(256)
 PURE_NOISE_SOLVER, PURE_NOISE_SCHEDULE = "unipc_3", "beta"
 
 
@@ -68,6 +70,8 @@ class Grid(eqx.Module):
             themselves for a budget (``dpm_solver_fast``) read it.
         schedule: the schedule's name, for reports (``None`` for explicit times).
         increasing: an inversion grid (``t_min`` up to ``t_max``; see :meth:`reversed`).
+        strict: the times are strictly monotone (``False``: a fitted program's evaluation times,
+            which may repeat, e.g. Heun's; not checked as a sampling grid).
     """
 
     times: Any
@@ -75,10 +79,11 @@ class Grid(eqx.Module):
     budget: int | None = eqx.field(static=True, default=None)
     schedule: str | None = eqx.field(static=True, default=None)
     increasing: bool = eqx.field(static=True, default=False)
+    strict: bool = eqx.field(static=True, default=True)
 
     @classmethod
     def from_times(cls, times, process: AbstractProcess | None = None, *, ends_at_zero: bool | None = None,
-                   budget: int | None = None) -> Grid:
+                   budget: int | None = None, schedule: str | None = None) -> Grid:
         """A grid of explicit ``times`` (strictly decreasing; a final ``0`` means clean data).
 
         Concrete times are validated (against ``process``'s range when given) and kept as float64.
@@ -86,7 +91,7 @@ class Grid(eqx.Module):
         if is_traced(times):
             if np.ndim(times) != 1 or np.shape(times)[0] < 2:
                 raise ValueError(f"timesteps must be a 1-D array of at least 2 times; got shape {np.shape(times)}.")
-            return cls(times, bool(ends_at_zero), budget)
+            return cls(times, bool(ends_at_zero), budget, schedule)
         ts = np.asarray(times, dtype=np.float64)
         if process is not None:
             process.check_times(ts, name="timesteps")
@@ -95,7 +100,7 @@ class Grid(eqx.Module):
         at_zero = bool(ts[-1] == 0.0)
         if ends_at_zero is not None and bool(ends_at_zero) != at_zero:
             raise ValueError(f"ends_at_zero={ends_at_zero} but the timesteps end at t = {ts[-1]!r}.")
-        return cls(ts, at_zero, budget)
+        return cls(ts, at_zero, budget, schedule)
 
     @classmethod
     def from_schedule(cls, process: AbstractProcess, steps: int, schedule: str = "auto", *, final_zero: bool = False,
@@ -108,7 +113,12 @@ class Grid(eqx.Module):
             schedule = default_choice(process, options.get("t_start"))[1]
         t_end = options.get("t_end", process.t_min)
         at_zero = bool(final_zero) or t_end == 0
-        ts = schedule_times(process, steps, schedule, final_zero=at_zero and t_end != 0, **options)
+        append_zero = at_zero and t_end != 0
+        key = ValueCache.key(process, steps, schedule, append_zero, options)
+        ts = _SCHEDULES.get(key)
+        if ts is None:  # computed once per configuration: an eager sample() call pays for it once
+            ts = _SCHEDULES.put(key, schedule_times(process, steps, schedule, final_zero=append_zero, **options))
+            ts.flags.writeable = False
         return cls(ts, at_zero, budget, schedule)
 
     @property
@@ -137,11 +147,11 @@ class Grid(eqx.Module):
                              "build the sampling grid without final_zero, or with t_end > 0 "
                              "(schedule_options=dict(t_end=...)).")
         times = self.times[::-1]
-        return Grid(times, False, self.budget, self.schedule, not self.increasing)
+        return Grid(times, False, self.budget, self.schedule, not self.increasing, self.strict)
 
     def check(self, process: AbstractProcess) -> None:
         """Raise ``ValueError`` unless the (concrete) times lie in ``process``'s range, in order."""
-        if not self.concrete:
+        if not self.concrete or not self.strict:
             return
         if self.increasing:
             _check_monotone(self.times, "timesteps", decreasing=False)

@@ -30,8 +30,6 @@ applies it the same way.
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from typing import NamedTuple
 
 import equinox as eqx
@@ -39,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compat import is_traced
+from ._compat import ValueCache, is_traced
 from .denoisers import Denoiser
 from .solvers import AbstractLinearSolver, AbstractStochasticSolver, phases_of, supports
 
@@ -273,6 +271,16 @@ def _tables(solver, variants, process, times, t_end, num_steps, starts, lengths,
     return out
 
 
+def _as_float64(tree):
+    """``tree`` with its floating-point array leaves as new float64 JAX arrays."""
+    def cast(leaf):
+        if isinstance(leaf, np.ndarray | jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.array(np.array(leaf, np.float64))
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def _sparsity(tables: StepTables) -> tuple:
     """``terms`` read off concrete tables: the basis elements with a non-zero coefficient in some
     step, and copies (a unit coefficient on one element in every step)."""
@@ -285,45 +293,39 @@ def _sparsity(tables: StepTables) -> tuple:
     return tuple(out)
 
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 128
+_PLANS = ValueCache(128)
 
 
-def _key(*trees):
-    """A hashable key of pytrees by value (array bytes hashed) and structure."""
-    leaves, treedef = jax.tree.flatten(trees)
-    parts = []
-    for leaf in leaves:
-        if isinstance(leaf, (np.ndarray, jax.Array)):
-            a = np.asarray(leaf)
-            parts.append((a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()))
-        else:
-            parts.append(leaf)
-    return treedef, tuple(parts)
-
-
-def make_plan(solver, process, grid) -> Plan:
+def make_plan(solver, process, grid, dtype=None) -> Plan:
     """The :class:`Plan` of ``solver`` on the concrete ``grid`` (a :class:`fastsample.Grid`) for
-    ``process``, in float64. Raises :class:`Unsupported` when the solver does not fit (not linear,
-    stochastic, too many state arrays or calls per step) or anything is traced; the caller then
-    steps ``update`` itself. Plans are cached by value."""
+    ``process``, computed in float64 (NumPy tables), or with its tables as JAX arrays of ``dtype``.
+    Raises :class:`Unsupported` when the solver does not fit (not linear, stochastic, too many
+    state arrays or calls per step) or anything is traced; the caller then steps ``update`` itself.
+    Plans are cached by value (an eager ``sample`` call computes its plan once)."""
     if not grid.concrete or any(is_traced(leaf) for leaf in jax.tree.leaves((solver, process))):
         raise Unsupported("the grid, the solver or the process is traced")
-    runs = _variants(solver, grid.steps, grid.ends_at_zero)
-    try:
-        key = _key(solver, process, grid.times)
-        hit = _CACHE.get(key)
-    except TypeError:  # an unhashable static field
-        key = hit = None
-    if hit is not None:
-        _CACHE.move_to_end(key)
+    key = ValueCache.key(solver, process, grid.times)
+    if dtype is not None:
+        cast_key = None if key is None else (key, np.dtype(dtype).name)
+        hit = _PLANS.get(cast_key)
+        if hit is None:
+            with jax.ensure_compile_time_eval():  # concrete arrays, also inside a caller's trace
+                hit = _PLANS.put(cast_key, make_plan(solver, process, grid).astype(dtype))
         return hit
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    runs = _variants(solver, grid.steps, grid.ends_at_zero)
     lengths = [n for n, _ in runs]
     variants = tuple(v for _, v in runs)
     buckets = tuple(_bucket(n) for n in lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
     times = np.concatenate([grid.times, np.full(sum(buckets) + 1 - len(grid.times), grid.times[-1])])
     with jax.enable_x64(True), jax.ensure_compile_time_eval():
+        # the solver's and the process's arrays as fresh float64 device arrays: handed over as NumPy
+        # arrays, JAX 0.10 may reuse a float32 copy that a caller's jit made of the same array
+        # (``RuntimeProgramInputMismatch``)
+        solver, variants, process = _as_float64((solver, variants, process))
         try:
             init, *rows = _tables(solver, variants, process, jnp.asarray(times, jnp.float64),
                                   jnp.asarray(grid.times[-1], jnp.float64), jnp.asarray(grid.steps, jnp.int32),
@@ -336,12 +338,7 @@ def make_plan(solver, process, grid) -> Plan:
     for tau, Y, X, R in rows:
         tables = StepTables(tau, Y, X, R, ())
         phases.append(tables._replace(terms=_sparsity(tables)))
-    plan = Plan(tuple(phases), tuple(float(c) for c in init))
-    if key is not None:
-        _CACHE[key] = plan
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return plan
+    return _PLANS.put(key, Plan(tuple(phases), tuple(float(c) for c in init)))
 
 
 def whole_run(plan: Plan):

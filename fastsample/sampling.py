@@ -144,7 +144,7 @@ def resolve(solver, process: AbstractProcess, nfe=None, schedule="auto", *, grid
     if fitted is not None:
         if grid_ is not None:
             raise ValueError(f"{solver.name} was fitted with its own time grid; do not pass `timesteps` or `grid`.")
-        grid_ = fitted  # checked when it was fitted (a program's evaluation times may repeat)
+        grid_ = fitted
     if grid_ is None:
         grid_ = _build_grid(process, DEFAULT_NFE if nfe is None else nfe, schedule, solver=solver,
                             final_zero=final_zero, **options)
@@ -158,7 +158,7 @@ def resolve(solver, process: AbstractProcess, nfe=None, schedule="auto", *, grid
     used = grid_.nfe(solver)
     if nfe is not None and nfe != used:
         raise ValueError(f"nfe={nfe} disagrees with the {grid_.steps}-step grid given ({used} NFE).")
-    if grid_.concrete and fitted is None:
+    if grid_.concrete:
         grid_.check(process)
         solver.check_grid(process, grid_.times[::-1] if grid_.increasing else grid_.times)
     return solver, grid_
@@ -266,15 +266,18 @@ def solve_fixed(solver: AbstractFastSolver, denoiser: Denoiser, x_T, grid: Grid,
     plan = None
     if fused and source is None:
         try:  # the solver's scalar work, done once on the host: the loop makes model calls and fused updates
-            plan = make_plan(solver, process, grid).astype(x_T.dtype)
+            plan = make_plan(solver, process, grid, x_T.dtype)
         except Unsupported:
             pass
-    if grid.concrete:
+    if grid.concrete and grid.strict:
         _check_in_dtype(grid, x_T.dtype)
         times = grid.array(x_T.dtype)
     else:
         times = jnp.asarray(grid.times).astype(x_T.dtype)
-    x, outputs = _run(solver, denoiser, x_T, times, cond, source, gradient, plan, fused, grid.ends_at_zero,
+    # stepped from its plan, the program does not depend on the solver: solvers whose tables have
+    # the same structure share one compiled program
+    stepper = None if plan is not None and not gradient.custom else solver
+    x, outputs = _run(stepper, denoiser, x_T, times, cond, source, gradient, plan, fused, grid.ends_at_zero,
                       saveat, check_finite)
     trajectory = jnp.concatenate([x_T[None], outputs["x"]]) if saveat.steps else None
     return Solution(x, trajectory, outputs.get("denoised"), {"nfe": grid.nfe(solver), "steps": grid.steps}, grid)
@@ -286,8 +289,8 @@ def _check_in_dtype(grid: Grid, dtype) -> None:
     d = np.diff(ts)
     if not np.all(d > 0 if grid.increasing else d < 0):
         i = int(np.argmax(~(d > 0 if grid.increasing else d < 0)))
-        raise ValueError(f"the grid's times ts[{i}]={grid.times[i]!r} and ts[{i + 1}]={grid.times[i + 1]!r} are equal in "
-                         f"{np.dtype(dtype).name}: use fewer steps, another schedule, or float64 samples.")
+        raise ValueError(f"the grid's times ts[{i}]={grid.times[i]!r} and ts[{i + 1}]={grid.times[i + 1]!r} are "
+                         f"equal in {np.dtype(dtype).name}: use fewer steps, another schedule, or float64 samples.")
 
 
 @eqx.filter_jit

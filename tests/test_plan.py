@@ -3,6 +3,10 @@ The fused loop equals the solver's own steps (contract tests over the registry: 
 here: what the plan holds, that its scalar work leaves the loop (also inside a caller's jit with
 ``nfe=``), and traced grids."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +139,29 @@ def test_solvers_outside_the_contract_have_no_plan_and_still_sample(solver, why)
     key = jax.random.PRNGKey(0)
     a = fs.sample(denoiser, x, solver, grid=g, key=key)
     assert _rel(a, fs.sample(denoiser, x, solver, grid=g, key=key, fused=False)) == 0.0
+
+
+_HELD_IN_FLOAT32 = """
+import jax, fastsample as fs
+from fastsample.models import GaussianMixture
+process = fs.VPDiscrete.ddpm_linear()
+denoiser = GaussianMixture.ring(n=4).denoiser(process)
+x = fs.prior(process, jax.random.PRNGKey(0), (4, 2))
+first = fs.grid(process, nfe=6, schedule="karras", solver="ddim")
+held = jax.jit(lambda x: fs.sample(denoiser, x, "ddim", grid=first))
+held(x)
+ts = fs.grid(process, nfe=6, schedule="logsnr_uniform", solver="ddim").times
+y = jax.jit(lambda x: fs.sample(denoiser, x, "ddim", timesteps=ts))(x)
+z = fs.sample(denoiser, x, "ddim", timesteps=ts, fused=False)
+print(float(abs(y - z).max() / abs(z).max()))
+"""
+
+
+def test_a_plan_is_computed_in_float64_while_a_jit_holds_the_process_in_float32():
+    """A caller's jit that closes over a ``VPDiscrete`` (NumPy float64 tables) keeps a float32 copy
+    of them; a later plan on another grid still gets float64 arrays (JAX 0.10 handed it the float32
+    copy: ``RuntimeProgramInputMismatch``). In a fresh process: this test process's state hides it."""
+    proc = subprocess.run([sys.executable, "-c", _HELD_IN_FLOAT32], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5

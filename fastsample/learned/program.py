@@ -112,7 +112,7 @@ class ProgramSolver(AbstractLinearSolver, AbstractFittedSolver):
         if nfe is not None and nfe != self.fitted_nfe:
             raise ValueError(f"this {self.method} solver was fitted for nfe={self.fitted_nfe}; got nfe={nfe}. "
                              "Pass nfe=None (or the fitted NFE), or fit a solver for this budget.")
-        return Grid(self.program.grid(), self.final_zero)
+        return Grid(self.program.grid(), self.final_zero, strict=False)
 
 
 def extract_program(solver, process: AbstractProcess, ts) -> LinearProgram:
