@@ -45,21 +45,19 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
         if steps is None:
             rows.append({"solver": name, "nfe_budget": budget, "nfe": None, "note": "budget below minimum"})
             continue
-        info = fs.solve(
-            denoiser, x_T, solver, nfe=nfe, schedule=cfg.schedule,
-            schedule_options=cfg.schedule_options,
-        )
-        x = info.x
+        solution = fs.solve(denoiser, x_T, solver, nfe=nfe, schedule=cfg.schedule,
+                            schedule_options=cfg.schedule_options)
+        x, used = solution.x, solution.stats["nfe"]
         err = np.asarray(x, np.float64) - reference
         rmse = float(np.sqrt(np.mean(err**2)))
         nll = float(-jnp.mean(model.log_prob(x, a_end, s_end)))
         rows.append({
-            "solver": name, "nfe_budget": budget, "nfe": info.stats["nfe"], "steps": info.stats["steps"], "rmse": rmse,
+            "solver": name, "nfe_budget": budget, "nfe": used, "steps": solution.stats["steps"], "rmse": rmse,
             "rel_error": rmse / scale, "max_abs_error": float(np.max(np.abs(err))), "nll": nll,
         })
         if cfg.sample_plots:  # digit grids (64-D) or scatter plots over the reference (2-D)
             (out / "samples").mkdir(exist_ok=True)
-            plot_samples(x, out / "samples" / f"{name}_nfe{info.stats["nfe"]}.png", f"{name}, NFE {info.stats["nfe"]}", reference)
+            plot_samples(x, out / "samples" / f"{name}_nfe{used}.png", f"{name}, NFE {used}", reference)
 
     write_rows(out, "metrics", rows)
     (out / "table.md").write_text(markdown_table(rows, COLUMNS))

@@ -100,9 +100,9 @@ class DigitClassifier:
     ``= relu(x W0 + b0) W1 + b1`` with its fitted weights (so rewards built on it are differentiable)."""
 
     def __init__(self, seed: int = 0, dtype=jnp.float32):
-        from fastsample.metrics import _digits_classifier
+        from fastsample.metrics import digits_classifier
 
-        clf = _digits_classifier(int(seed))
+        clf = digits_classifier(int(seed))
         self.weights = [jnp.asarray(w, dtype) for w in (*clf.coefs_, *clf.intercepts_)]
         self.sklearn = clf
 

@@ -62,16 +62,16 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> list[dict]:
         if steps is None:
             rows.append({"solver": name, "nfe_budget": budget, "nfe": None, "note": "budget below minimum"})
             continue
-        info = fs.solve(denoiser, x_T, solver, nfe=nfe, schedule=cfg.schedule,
+        solution = fs.solve(denoiser, x_T, solver, nfe=nfe, schedule=cfg.schedule,
                             schedule_options=cfg.schedule_options)
-        x = info.x
-        x = np.asarray(x, np.float64)
+        x, used = np.asarray(solution.x, np.float64), solution.stats["nfe"]
         rmse = float(metrics.rmse(x, reference))
-        rows.append({"solver": name, "nfe_budget": budget, "nfe": info.stats["nfe"], "steps": info.stats["steps"], "rmse": rmse,
+        rows.append({"solver": name, "nfe_budget": budget, "nfe": used, "steps": solution.stats["steps"],
+                     "rmse": rmse,
                      "rel_error": rmse / scale, "psnr": float(metrics.psnr(x, reference)),
                      **quality(x, held_out)})
         if cfg.sample_plots:
-            plot_samples(x, samples_dir / f"{name}_nfe{info.stats["nfe"]}.png", f"{name}, NFE {info.stats["nfe"]}", reference=reference)
+            plot_samples(x, samples_dir / f"{name}_nfe{used}.png", f"{name}, NFE {used}", reference=reference)
 
     write_rows(out, "metrics", rows)
     (out / "table.md").write_text(markdown_table(rows, COLUMNS))

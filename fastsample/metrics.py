@@ -20,6 +20,7 @@ from .denoisers import Denoiser
 from .terms import ProbabilityFlowTerm
 
 __all__ = [
+    "digits_classifier",
     "rmse",
     "psnr",
     "sliced_wasserstein",
@@ -172,7 +173,11 @@ def frechet_distance(x, y):
 
 
 @functools.lru_cache(maxsize=4)
-def _digits_classifier(seed: int):
+@functools.lru_cache(maxsize=4)
+def digits_classifier(seed: int = 0):
+    """The scikit-learn ``MLPClassifier`` (one hidden layer of 64 ReLUs, ``random_state=seed``)
+    trained on the digits train split of ``seed``: the feature map of :func:`digits_features` and a
+    reward for fine-tuning experiments. Trained once per seed and process."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -198,7 +203,7 @@ def digits_features(x, seed: int = 0):
     Runs in NumPy (not jittable); returns a float64 ``(n, 64)`` array."""
     import numpy as np
 
-    clf = _digits_classifier(int(seed))
+    clf = digits_classifier(int(seed))
     x = np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
     if x.shape[1] != clf.coefs_[0].shape[0]:
         raise ValueError(f"digits_features needs (n, 64) digit images; got shape {x.shape}.")
