@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import assert_nfe_matches_calls
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
@@ -76,14 +75,14 @@ def test_third_order_multistep_with_exact_history(x64, ring_problem, prediction,
 def test_multistep_weights_integrate_polynomials_exactly(x64):
     """x1 = (s1/s0) x + s1 int e^lambda m(lambda) dlambda: order-k weights must be exact for
     outputs that are polynomials of degree k-1 in lambda (the published 3M update: degree 1)."""
-    from fastsample.solvers.dpm_solver import _dpm_weights
+    from fastsample.solvers._shared import dpm_weights
 
     l0, h, lm1, lm2 = 0.3, 0.7, -0.2, -1.1
     r0, r1 = (l0 - lm1) / h, (lm1 - lm2) / h
     nodes = np.polynomial.legendre.leggauss(30)
     u = l0 + h * (nodes[0] + 1) / 2
     for order, d2, exact_degree in [(2, 1.0, 1), (3, 2.0, 2), (3, 1.0, 1)]:
-        w = np.asarray(_dpm_weights(jnp.asarray(h), jnp.asarray(r0), jnp.asarray(r1), order, False, 3, d2))
+        w = np.asarray(dpm_weights(jnp.asarray(h), jnp.asarray(r0), jnp.asarray(r1), order, False, 3, d2))
         for degree in range(3):
             exact = np.sum(nodes[1] * h / 2 * np.exp(u - (l0 + h)) * u**degree)
             approx = np.dot(w, np.array([l0, lm1, lm2]) ** degree)
@@ -139,20 +138,6 @@ def test_phi_functions_are_accurate_near_zero(x64):
 
 
 SOLVERS = ["dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m", "dpm_solver_3m"]
-
-
-@pytest.mark.parametrize("name", SOLVERS)
-@pytest.mark.parametrize("final_zero", [False, True])
-def test_reported_nfe_equals_model_calls_and_no_nan(name, final_zero):
-    calls = []
-
-    def model(x, t, cond):
-        jax.debug.callback(lambda: calls.append(1))
-        return 0.5 * x
-
-    d = fs.Denoiser(model, fs.VPLinear(), "x0")
-    s = fs.get_solver(name)
-    assert_nfe_matches_calls(d, s, calls, (1, 2, 5), final_zero)
 
 
 def test_singlestep_refuses_a_start_at_pure_noise():
@@ -263,7 +248,7 @@ def test_dpm_solver_fast_model_calls(final_zero):
 
     model, calls = counting(lambda x, t, c: 0.5 * x)
     d = fs.Denoiser(model, fs.VPLinear(), "x0")
-    for nfe in (1, 4, 8, 10):
+    for nfe in (1, 8):  # every budget is spent exactly (one more budget: test_contracts.py)
         calls.clear()
         info = fs.solve(d, jnp.ones((2, 2)), "dpm_solver_fast", nfe=nfe, final_zero=final_zero)
         x = info.x

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import counting
 
 import fastsample as fs
 from fastsample.models import GaussianMixture
@@ -106,23 +105,19 @@ def test_convergence_order_on_a_2d_mixture(x64, proc, solver, order):
     assert abs(_fitted_order(errors, steps) - order) < 0.3, errors
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "midpoint"])
-def test_scan_driver_matches_diffeqsolve(x64, solver):
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_euler_and_midpoint_are_diffraxs_own(x64, solver):
+    """fastsample's Euler / midpoint rule are diffrax's ``Euler`` / ``Midpoint`` on the
+    probability-flow term (every solver equals itself under ``diffeqsolve``: test_contracts.py)."""
     p = fs.VPLinear()
     d = GaussianMixture.ring().denoiser(p)
     x_T = fs.prior(p, jax.random.PRNGKey(4), (8, 2))
-    info = fs.solve(d, x_T, solver, nfe=12)
-    x = info.x
-    ts = info.grid.times
-    sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), fs.get_solver(solver), ts[0], ts[-1], None, x_T,
+    sol = fs.solve(d, x_T, solver, nfe=12)
+    ts = jnp.asarray(sol.grid.times)
+    own = diffrax.Euler() if solver == "euler" else diffrax.Midpoint()
+    ref = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), own, ts[0], ts[-1], None, x_T,
                               stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
-    np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-6, atol=1e-6)
-    # and Euler / the midpoint rule are diffrax's own on the probability-flow term
-    if solver in ("euler", "midpoint"):
-        own = diffrax.Euler() if solver == "euler" else diffrax.Midpoint()
-        sol = diffrax.diffeqsolve(fs.ProbabilityFlowTerm(d), own, ts[0], ts[-1], None, x_T,
-                                  stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts))
-        np.testing.assert_allclose(sol.ys[-1], x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ref.ys[-1], sol.x, rtol=1e-10, atol=1e-10)
 
 
 def test_euler_in_edm_variables_equals_ddim(x64):
@@ -137,40 +132,6 @@ def test_euler_in_edm_variables_equals_ddim(x64):
     ts_edm = p.sigma_edm(info.grid.times)
     y = fs.sample(d.with_process(edm), x_T / p.alpha(p.t_max), "euler", nfe=None, timesteps=ts_edm)
     np.testing.assert_allclose(y * p.alpha(p.t_min), x_ddim, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "midpoint"])
-@pytest.mark.parametrize("final_zero", [False, True])
-def test_reported_nfe_equals_model_calls(solver, final_zero):
-    p = fs.EDM()
-    model, calls = counting(lambda x, t, c: 0.5 * x)
-    d = fs.Denoiser(model, p, "x0")
-    s = fs.get_solver(solver)
-    for steps in (1, 3, 4):
-        nfe = s.nfe(steps, final_zero)
-        calls.clear()
-        info = fs.solve(d, jnp.ones((2, 2)), solver, nfe=nfe, schedule="karras", final_zero=final_zero)
-        x = info.x
-        x.block_until_ready()
-        jax.effects_barrier()
-        assert info.stats["nfe"] == nfe == len(calls), (steps, info, len(calls))
-        assert info.stats["steps"] == steps
-
-
-def test_new_grid_values_and_guidance_scale_do_not_retrace():
-    traces = []
-
-    def model(x, t, cond):
-        traces.append(1)
-        return x * 0 + cond
-
-    p = fs.VPLinear()
-    x_T = jnp.ones((2, 2))
-    cond = jnp.ones((2, 2))
-    for w, ts in [(1.0, [1.0, 0.5, 0.1]), (3.0, [0.9, 0.4, 0.01]), (7.5, [0.8, 0.3, 0.002])]:
-        d = fs.Denoiser(model, p, "x0", guidance_scale=w, uncond=jnp.zeros(2))
-        fs.sample(d, x_T, "ddim", nfe=None, timesteps=jnp.asarray(ts), cond=cond)
-    assert len(traces) == 1
 
 
 def test_trajectory_shape_and_endpoints():

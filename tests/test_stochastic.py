@@ -227,7 +227,7 @@ def test_euler_maruyama_strong_order_with_the_brownian_tree(x64):
 # ----- reproducible noise -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("noise", ["independent", "brownian"])
+@pytest.mark.parametrize("noise", ["brownian"])  # independent noise, every solver: test_contracts.py
 def test_sample_b_does_not_depend_on_the_batch_and_same_key_is_bitwise(x64, noise):
     p = fs.EDM()
     d = GaussianMixture.ring(n=4, radius=2.0, std=0.3).denoiser(p)
@@ -261,18 +261,6 @@ def test_noise_sources():
 
 
 # ----- NFE counts ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["edm_stochastic", "dpmpp_sde", "restart"])
-def test_nfe_counts_on_grids_that_stop_at_t_min(name):
-    """(Grids ending at t = 0 are counted in the marginal test; these solvers save an evaluation there.)"""
-    p = fs.VPLinear()
-    model, calls = counting(GaussianMixture.ring(n=4, radius=2.0, std=0.3).denoiser(p).model)
-    solver = fs.get_solver(name, **STOCHASTIC[name])
-    x_T = fs.prior(p, jax.random.PRNGKey(9), (4, 2))
-    info = fs.solve(fs.Denoiser(model, p, "x0"), x_T, solver, nfe=14, key=KEY)
-    jax.effects_barrier()
-    assert info.stats["nfe"] == 14 == len(calls), (name, info.stats["nfe"], len(calls))
 
 
 # ----- errors -------------------------------------------------------------------------------------
