@@ -247,9 +247,10 @@ def _variants(solver, num_steps: int, ends_at_zero: bool):
 
 
 def _bucket(n: int) -> int:
-    """The scan length a phase of ``n`` steps is computed with: a power of two (at least 8), so
-    that grids of different step counts share one compiled plan."""
-    return max(8, 1 << max(n - 1, 0).bit_length())
+    """The scan length a phase of ``n`` steps is computed with: a power of two, at least 32, so
+    that grids of different step counts share one compiled plan (every few-step grid one; the
+    extra probe steps cost microseconds)."""
+    return max(32, 1 << max(n - 1, 0).bit_length())
 
 
 @eqx.filter_jit
