@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 import fastsample as fs  # noqa: E402
 from fastsample.learned import ReferenceSet, make_reference  # noqa: E402
 from fastsample.learned.dc_solver import CascadeRegression, DCSolver, fit_dc_solver  # noqa: E402
-from fastsample.learned.fitting import base_grid  # noqa: E402
 from fastsample.models import ClassConditionalMixture  # noqa: E402
 from fastsample.results import environment, markdown_table  # noqa: E402
 
@@ -91,7 +90,8 @@ def run(n_train: int, n_val: int, iterations: int):
         denoiser = cc.denoiser(process, scale)
         for grid_name, (schedule, options) in grids(process).items():
             for nfe in (CPR_NFES if scale == 5.0 else FIT_NFES):
-                ts = base_grid(process, "unipc", nfe, schedule, True, t_start=train.t_start, schedule_options=options)
+                ts = fs.grid(process, nfe, schedule, solver="unipc", final_zero=True, t_start=train.t_start,
+                             **options).times
                 base_x = fs.sample(denoiser, val.x_T, "unipc", nfe=None, timesteps=jnp.asarray(ts), cond=val_labels)
                 common = {"grid": grid_name, "scale": scale, "nfe": nfe}
                 rows.append({**common, "method": "unipc", "rmse": _rmse(base_x, val.x_end)})

@@ -9,6 +9,7 @@ through :func:`fastsample.sample` and is saved with :func:`save_solver`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +21,6 @@ import optax
 from ..denoisers import Denoiser
 from ..grid import Grid
 from ..optimization import FitResult, fit
-from ..sampling import grid as build_grid
 from ..sampling import sample
 from ..solvers import get_solver
 from .io import model_fingerprint
@@ -28,7 +28,7 @@ from .methods import LOSSES, METHODS, ClosedFormMethod, FitMethod, GradientMetho
 from .program import ProgramSolver
 from .reference import ReferenceSet
 
-__all__ = ["METHODS", "FitReport", "FitSettings", "fit_solver", "base_grid"]
+__all__ = ["METHODS", "FitReport", "FitSettings", "fit_solver"]
 
 
 class FitReport(NamedTuple):
@@ -52,14 +52,6 @@ class FitReport(NamedTuple):
     def grid(self) -> Grid:
         """``timesteps`` as a :class:`~fastsample.Grid`."""
         return Grid.from_times(self.timesteps)
-
-
-def base_grid(process, base: str, nfe: int, schedule: str, final_zero: bool, t_start=None, schedule_options=None):
-    """The base solver's grid for exactly ``nfe`` evaluations (``ValueError`` when impossible)."""
-    options = dict(schedule_options or {})
-    if t_start is not None:
-        options["t_start"] = t_start
-    return np.asarray(build_grid(process, nfe, schedule, solver=base, final_zero=final_zero, **options).times)
 
 
 def _rmse(x, y) -> float:
@@ -194,7 +186,7 @@ def _fit(method: FitMethod, denoiser, train, val, grid: Grid, base: str, setting
         params, history = result.params, result.history
         solver = model.solver(params)
         learned = np.asarray(model.timesteps(params)) if hasattr(model, "timesteps") else ts
-    solver = _with_meta(solver, fingerprint=model_fingerprint(denoiser))
+    solver = dataclasses.replace(solver, fingerprint=model_fingerprint(denoiser))
     fitted = _rmse(sample(denoiser, val.x_T, solver, cond=cond), val.x_end)
     base_name = method.base_of(base)
     base_x = sample(denoiser, val.x_T, base_name, grid=grid, cond=cond)
@@ -225,9 +217,3 @@ def _check_grid(process, grid: Grid, method: FitMethod, base: str, nfe, final_ze
 
 def _count(params) -> int:
     return int(sum(np.size(p) for p in jax.tree.leaves(params)))
-
-
-def _with_meta(solver: ProgramSolver, **meta) -> ProgramSolver:
-    import dataclasses
-
-    return dataclasses.replace(solver, **meta)
